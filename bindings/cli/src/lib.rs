@@ -1,0 +1,1 @@
+//! The searchloop command-line tool.

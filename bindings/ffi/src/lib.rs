@@ -1,0 +1,1 @@
+//! uniffi bindings of searchloop for Python, Kotlin and Swift.

@@ -1,0 +1,1 @@
+//! Wiring shared by every searchloop front end: config, building the agent, the service.

@@ -1,0 +1,396 @@
+//! The agent loop: one episode is a sequence of model turns and tool observations over a single
+//! growing token sequence, ending in an answer, and recorded as a [`Trajectory`].
+
+use std::{sync::Arc, time::Instant};
+
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    error::{Error, Result},
+    policy::{ChatMessage, FinishReason, Policy, PolicySlot, Role, SamplingParams},
+    protocol::{Action, CLOSING_TAGS, ProtocolConfig, information_block, parse_action},
+    reward::{RewardEntry, exact_match, f1_score, source},
+    sink::TrajectorySink,
+    tool::{ToolError, ToolOutcome, ToolRegistry},
+    trajectory::{
+        EpisodeEnd, SegmentKind, SequenceBuilder, TaskInfo, Timing, ToolCallRecord, Trajectory,
+    },
+};
+
+/// Weights of the rewards the runtime computes when an episode ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EpisodeRewardWeights {
+    /// Weight of exact match (recorded only when gold answers are known).
+    pub exact_match: f64,
+    /// Weight of token F1 (recorded only when gold answers are known).
+    pub f1: f64,
+    /// Weight of the format reward (1 for a well-formed answer).
+    pub format: f64,
+}
+
+impl Default for EpisodeRewardWeights {
+    fn default() -> Self {
+        Self {
+            exact_match: 1.0,
+            f1: 0.5,
+            format: 0.1,
+        }
+    }
+}
+
+/// How the agent runs episodes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Prompting, scaffolding and limits.
+    pub protocol: ProtocolConfig,
+    /// Sampling of model turns (stop strings and token limits are set per turn by the loop).
+    pub sampling: SamplingParams,
+    /// Rewards computed at episode end.
+    pub rewards: EpisodeRewardWeights,
+}
+
+impl AgentConfig {
+    /// Checks every part, so a bad config fails at start-up.
+    pub fn validate(&self) -> Result<()> {
+        self.protocol.validate()?;
+        self.sampling.validate()
+    }
+}
+
+/// One episode to run.
+#[derive(Debug, Clone, Default)]
+pub struct EpisodeRequest {
+    /// The customer's question.
+    pub question: String,
+    /// Task metadata (gold answers, split), when known.
+    pub task: Option<TaskInfo>,
+    /// Shared by the episodes of one GRPO group.
+    pub group_id: Option<String>,
+    /// Seed of the episode's sampling; turns use `seed + turn`.
+    pub seed: Option<u64>,
+}
+
+impl EpisodeRequest {
+    /// An episode for `question` with nothing else known.
+    pub fn new(question: impl Into<String>) -> Self {
+        Self {
+            question: question.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A tool call a model turn asked for.
+enum ToolCall {
+    /// `<search>query</search>`: the default tool.
+    Search(String),
+    /// `<tool name="...">{json}</tool>`, arguments not yet parsed.
+    Named { name: String, arguments: String },
+}
+
+/// Runs episodes: model turns, tool calls, rewards, recording.
+pub struct Agent {
+    policy: Arc<PolicySlot>,
+    tools: Arc<ToolRegistry>,
+    config: AgentConfig,
+    sink: Option<Arc<dyn TrajectorySink>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("policy", &self.policy)
+            .field("tools", &self.tools)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Agent {
+    /// An agent over `policy` and `tools`. Fails on an invalid config or an empty registry.
+    pub fn new(
+        policy: Arc<PolicySlot>,
+        tools: Arc<ToolRegistry>,
+        config: AgentConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        if tools.is_empty() {
+            return Err(Error::Config("the agent needs at least one tool".into()));
+        }
+        Ok(Self {
+            policy,
+            tools,
+            config,
+            sink: None,
+        })
+    }
+
+    /// Records every finished episode into `sink`.
+    pub fn with_sink(mut self, sink: Arc<dyn TrajectorySink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// The policy slot (for swaps).
+    pub fn policy(&self) -> &Arc<PolicySlot> {
+        &self.policy
+    }
+
+    /// The tools.
+    pub fn tools(&self) -> &Arc<ToolRegistry> {
+        &self.tools
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// Runs one episode for `question` and records it.
+    pub async fn ask(&self, question: &str) -> Result<Trajectory> {
+        self.run(EpisodeRequest::new(question)).await
+    }
+
+    /// Runs `n` episodes of one question concurrently, as one GRPO group sharing a group id.
+    /// Episode `i` uses seed `seed + 1000 * i`.
+    pub async fn run_group(&self, request: EpisodeRequest, n: usize) -> Result<Vec<Trajectory>> {
+        let group_id = request
+            .group_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let episodes = (0..n).map(|i| {
+            let mut r = request.clone();
+            r.group_id = Some(group_id.clone());
+            r.seed = request.seed.map(|s| s.wrapping_add(1000 * i as u64));
+            self.run(r)
+        });
+        futures::future::try_join_all(episodes).await
+    }
+
+    /// Runs one episode and records it in the sink (if any) before returning it.
+    pub async fn run(&self, request: EpisodeRequest) -> Result<Trajectory> {
+        // The policy is fixed for the whole episode, so a swap never mixes two models in one
+        // trajectory, and the recorded adapter version is the one that served it.
+        let policy = self.policy.current();
+        let trajectory = self.run_with(policy.as_ref(), request).await?;
+        if let Some(sink) = &self.sink {
+            sink.record(&trajectory).await?;
+        }
+        Ok(trajectory)
+    }
+
+    async fn run_with(&self, policy: &dyn Policy, request: EpisodeRequest) -> Result<Trajectory> {
+        let started = Instant::now();
+        let started_at = Utc::now();
+        let protocol = &self.config.protocol;
+        let messages = [
+            ChatMessage::new(
+                Role::System,
+                protocol.render_system_prompt(&self.tools.describe()),
+            ),
+            ChatMessage::new(Role::User, request.question.clone()),
+        ];
+        let prompt_text = policy.render_chat(&messages, true)?;
+        let mut seq = SequenceBuilder::new(policy.tokenize(&prompt_text)?);
+        let mut response_text = String::new();
+        let mut tool_calls: Vec<ToolCallRecord> = Vec::new();
+        let mut timing = Timing {
+            started_at: Some(started_at),
+            ..Timing::default()
+        };
+        let mut generated = 0usize;
+        let mut turns = 0u32;
+        let mut answer = None;
+        let end = loop {
+            let final_turn = turns as usize >= protocol.max_turns;
+            let prefill = if final_turn {
+                Some(protocol.final_turn_prefill.clone()).filter(|p| !p.is_empty())
+            } else if tool_calls.is_empty() {
+                protocol.first_turn_prefill.clone()
+            } else {
+                protocol.after_observation_prefill.clone()
+            };
+            let prefill = prefill.unwrap_or_default();
+            if !prefill.is_empty() {
+                seq.push(SegmentKind::Prefill, &policy.tokenize(&prefill)?);
+                response_text.push_str(&prefill);
+            }
+            let budget = protocol
+                .max_turn_tokens
+                .min(protocol.max_episode_tokens.saturating_sub(generated))
+                .min(policy.context_length().saturating_sub(seq.tokens().len()));
+            if budget == 0 {
+                break EpisodeEnd::TokenLimit;
+            }
+            let params = SamplingParams {
+                max_tokens: budget,
+                stop: if final_turn {
+                    vec!["</answer>".to_string()]
+                } else {
+                    CLOSING_TAGS.iter().map(|s| s.to_string()).collect()
+                },
+                seed: request.seed.map(|s| s.wrapping_add(u64::from(turns))),
+                ..self.config.sampling.clone()
+            };
+            let model_started = Instant::now();
+            let sample = policy
+                .sample(seq.tokens(), &params, 1)
+                .await?
+                .into_iter()
+                .next()
+                .ok_or_else(|| Error::Policy("the policy returned no sample".into()))?;
+            timing.model_ms += model_started.elapsed().as_secs_f64() * 1e3;
+            if sample.tokens.len() != sample.logprobs.len() {
+                return Err(Error::Policy(format!(
+                    "the policy returned {} log-probs for {} tokens",
+                    sample.logprobs.len(),
+                    sample.tokens.len()
+                )));
+            }
+            seq.push_model(&sample.tokens, &sample.logprobs);
+            response_text.push_str(&sample.text);
+            generated += sample.tokens.len();
+            turns += 1;
+
+            let action = parse_action(&format!("{prefill}{}", sample.text));
+            let call = match action {
+                Action::Answer(text) => {
+                    answer = Some(text);
+                    break EpisodeEnd::Answered;
+                }
+                Action::Search { query } => Some(ToolCall::Search(query)),
+                Action::Tool { name, arguments } => Some(ToolCall::Named { name, arguments }),
+                Action::Invalid(reason) => {
+                    tracing::debug!(%reason, "invalid action");
+                    None
+                }
+            };
+            if final_turn {
+                break EpisodeEnd::NoAnswer;
+            }
+            let observation = match call {
+                None => {
+                    seq.push(
+                        SegmentKind::Correction,
+                        &policy.tokenize(&protocol.invalid_action_message)?,
+                    );
+                    response_text.push_str(&protocol.invalid_action_message);
+                    if sample.finish == FinishReason::Length
+                        && generated >= protocol.max_episode_tokens
+                    {
+                        break EpisodeEnd::TokenLimit;
+                    }
+                    continue;
+                }
+                Some(call) => {
+                    let (tool, arguments, outcome) = self.call_tool(call).await;
+                    timing.tool_ms += outcome.latency_ms;
+                    let block = information_block(&outcome.observation);
+                    tool_calls.push(ToolCallRecord {
+                        tool,
+                        arguments,
+                        observation: outcome.observation,
+                        ok: outcome.error.is_none(),
+                        latency_ms: outcome.latency_ms,
+                    });
+                    block
+                }
+            };
+            seq.push(SegmentKind::Observation, &policy.tokenize(&observation)?);
+            response_text.push_str(&observation);
+        };
+        timing.total_ms = started.elapsed().as_secs_f64() * 1e3;
+
+        let (tokens, segments, logprobs) = seq.finish();
+        let mut trajectory = Trajectory {
+            id: uuid::Uuid::now_v7().to_string(),
+            created_at: started_at,
+            question: request.question,
+            prompt_text,
+            response_text,
+            task: request.task,
+            tokens,
+            segments,
+            logprobs,
+            tool_calls,
+            answer,
+            end,
+            turns,
+            model_id: policy.model_id().to_string(),
+            adapter_version: policy.adapter_version(),
+            sampling: self.config.sampling.clone(),
+            group_id: request.group_id,
+            timing,
+            rewards: Vec::new(),
+        };
+        trajectory.rewards = self.episode_rewards(&trajectory);
+        trajectory.validate()?;
+        Ok(trajectory)
+    }
+
+    /// Calls a tool. A `<search>` query becomes `{"query": q}` for the default tool; a `<tool>`
+    /// call's text must be a JSON object. Returns the tool's name, the recorded arguments and
+    /// the outcome.
+    async fn call_tool(&self, call: ToolCall) -> (String, Value, ToolOutcome) {
+        let (tool, arguments) = match call {
+            ToolCall::Search(query) => (
+                self.tools.default_tool().unwrap_or_default().to_string(),
+                Ok(serde_json::json!({ "query": query })),
+            ),
+            ToolCall::Named { name, arguments } => {
+                let parsed = match serde_json::from_str::<Value>(&arguments) {
+                    Ok(v @ Value::Object(_)) => Ok(v),
+                    Ok(_) => Err("arguments must be a JSON object".to_string()),
+                    Err(e) => Err(format!("arguments are not JSON: {e}")),
+                };
+                (name, parsed.map_err(|m| (Value::String(arguments), m)))
+            }
+        };
+        match arguments {
+            Ok(args) => {
+                let outcome = self.tools.invoke(&tool, args.clone()).await;
+                (tool, args, outcome)
+            }
+            Err((recorded, message)) => {
+                let error = ToolError::InvalidArguments(message);
+                let outcome = ToolOutcome {
+                    observation: format!("error: {error}"),
+                    error: Some(error),
+                    latency_ms: 0.0,
+                };
+                (tool, recorded, outcome)
+            }
+        }
+    }
+
+    fn episode_rewards(&self, t: &Trajectory) -> Vec<RewardEntry> {
+        let w = &self.config.rewards;
+        let answered = t.end == EpisodeEnd::Answered;
+        let mut rewards = vec![RewardEntry::now(
+            source::FORMAT,
+            if answered { 1.0 } else { 0.0 },
+            w.format,
+        )];
+        if let Some(task) = t.task.as_ref().filter(|task| !task.gold_answers.is_empty()) {
+            let answer = t.answer.as_deref().unwrap_or("");
+            rewards.push(RewardEntry::now(
+                source::EXACT_MATCH,
+                exact_match(answer, &task.gold_answers),
+                w.exact_match,
+            ));
+            rewards.push(RewardEntry::now(
+                source::F1,
+                f1_score(answer, &task.gold_answers),
+                w.f1,
+            ));
+        }
+        rewards
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1 @@
+//! Serving policy for searchloop on mistral.rs, with token-exact sampling.

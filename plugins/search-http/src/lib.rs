@@ -1,0 +1,1 @@
+//! HTTP JSON search API tool for searchloop.

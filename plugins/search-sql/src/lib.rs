@@ -1,0 +1,1 @@
+//! Read-only SQL inventory tool for searchloop (SQLite, PostgreSQL).

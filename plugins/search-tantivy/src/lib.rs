@@ -1,0 +1,1 @@
+//! Full-text product catalog search tool for searchloop, on tantivy.

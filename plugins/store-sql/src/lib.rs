@@ -1,0 +1,1 @@
+//! Durable trajectory store, reward ledger and adapter registry for searchloop (SQLite, PostgreSQL).
