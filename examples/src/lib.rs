@@ -1,0 +1,9 @@
+//! Runnable examples and the retail data set generator of searchloop.
+
+pub mod retail;
+
+pub use retail::{
+    DatasetFiles, GeneratorConfig, Product, Question, QuestionKind, RetailDataset, RetailError,
+    Split, StockRow, Store, generate, read_products_csv, read_products_jsonl, read_questions,
+    read_stock_jsonl, read_stores_jsonl,
+};
