@@ -9,8 +9,10 @@ use serde_json::Value;
 
 use crate::{
     error::{Error, Result},
-    policy::{ChatMessage, FinishReason, Policy, PolicySlot, Role, SamplingParams},
-    protocol::{Action, CLOSING_TAGS, ProtocolConfig, information_block, parse_action},
+    policy::{ChatMessage, FinishReason, Policy, PolicySlot, Role, Sample, SamplingParams},
+    protocol::{
+        Action, CLOSING_TAGS, ProtocolConfig, information_block, opened_action, parse_action,
+    },
     reward::{RewardEntry, exact_match, f1_score, source},
     sink::TrajectorySink,
     tool::{ToolError, ToolOutcome, ToolRegistry},
@@ -42,7 +44,7 @@ impl Default for EpisodeRewardWeights {
 }
 
 /// How the agent runs episodes.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentConfig {
     /// Prompting, scaffolding and limits.
@@ -51,6 +53,25 @@ pub struct AgentConfig {
     pub sampling: SamplingParams,
     /// Rewards computed at episode end.
     pub rewards: EpisodeRewardWeights,
+}
+
+/// The serving temperature: a 135M-parameter model sampled at 1.0 mostly rambles, while 0.3
+/// keeps its answers on the information it was shown (EM 0.33 against 0.0 on twelve held-out
+/// retail questions). Training rollouts set their own temperature, and the trainer scores
+/// tokens at the temperature they were sampled with.
+pub const SERVING_TEMPERATURE: f32 = 0.3;
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            protocol: ProtocolConfig::default(),
+            sampling: SamplingParams {
+                temperature: SERVING_TEMPERATURE,
+                ..SamplingParams::default()
+            },
+            rewards: EpisodeRewardWeights::default(),
+        }
+    }
 }
 
 impl AgentConfig {
@@ -226,13 +247,18 @@ impl Agent {
             if budget == 0 {
                 break EpisodeEnd::TokenLimit;
             }
+            let opened = opened_action(&prefill);
+            let mut stop: Vec<String> = if final_turn {
+                vec!["</answer>".to_string()]
+            } else {
+                CLOSING_TAGS.iter().map(|s| s.to_string()).collect()
+            };
+            if opened.is_some() {
+                stop.extend(protocol.implicit_close_stops.iter().cloned());
+            }
             let params = SamplingParams {
                 max_tokens: budget,
-                stop: if final_turn {
-                    vec!["</answer>".to_string()]
-                } else {
-                    CLOSING_TAGS.iter().map(|s| s.to_string()).collect()
-                },
+                stop,
                 seed: request.seed.map(|s| s.wrapping_add(u64::from(turns))),
                 ..self.config.sampling.clone()
             };
@@ -256,7 +282,14 @@ impl Agent {
             generated += sample.tokens.len();
             turns += 1;
 
-            let action = parse_action(&format!("{prefill}{}", sample.text));
+            let mut turn_text = format!("{prefill}{}", sample.text);
+            if let Some(tag) = opened {
+                let body = self.implicit_body(policy, &sample)?;
+                if let Some(body) = body.filter(|_| !turn_text.contains(&format!("</{tag}>"))) {
+                    turn_text = format!("{prefill}{body}</{tag}>");
+                }
+            }
+            let action = parse_action(&turn_text);
             let call = match action {
                 Action::Answer(text) => {
                     answer = Some(text);
@@ -330,6 +363,36 @@ impl Agent {
         trajectory.rewards = self.episode_rewards(&trajectory);
         trajectory.validate()?;
         Ok(trajectory)
+    }
+
+    /// The text of a turn whose prefill opened an action tag, cut where the turn ended
+    /// implicitly (at an implicit-close stop string or the end-of-sequence token), or `None`
+    /// when it ended some other way.
+    fn implicit_body(&self, policy: &dyn Policy, sample: &Sample) -> Result<Option<String>> {
+        match &sample.finish {
+            FinishReason::Stop(stop)
+                if self.config.protocol.implicit_close_stops.contains(stop) =>
+            {
+                Ok(sample
+                    .text
+                    .find(stop.as_str())
+                    .map(|at| sample.text[..at].to_string()))
+            }
+            FinishReason::Eos => {
+                let eos = match sample.tokens.last() {
+                    Some(&last) => policy.detokenize(&[last])?,
+                    None => String::new(),
+                };
+                Ok(Some(
+                    sample
+                        .text
+                        .strip_suffix(eos.as_str())
+                        .unwrap_or(&sample.text)
+                        .to_string(),
+                ))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Calls a tool. A `<search>` query becomes `{"query": q}` for the default tool; a `<tool>`

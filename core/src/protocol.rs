@@ -101,6 +101,15 @@ fn attribute<'a>(attributes: &'a str, key: &str) -> Option<&'a str> {
     (!name.is_empty()).then_some(name)
 }
 
+/// The action tag (`search` or `answer`) that `prefill` opens and leaves unclosed, if any.
+pub fn opened_action(prefill: &str) -> Option<&'static str> {
+    ["search", "answer"].into_iter().find(|tag| {
+        prefill
+            .rfind(&format!("<{tag}>"))
+            .is_some_and(|open| !prefill[open..].contains(&format!("</{tag}>")))
+    })
+}
+
 /// The last `<answer>…</answer>` span of a response, as Search-R1 scores it.
 pub fn extract_answer(text: &str) -> Option<String> {
     let close = text.rfind("</answer>")?;
@@ -124,6 +133,10 @@ pub struct ProtocolConfig {
     pub after_observation_prefill: Option<String>,
     /// Text the runtime writes at the start of the final, answer-only turn.
     pub final_turn_prefill: String,
+    /// When a prefill opened an action tag (`<search>`, `<answer>`), these strings (and the
+    /// end-of-sequence token) also end the turn, and the runtime closes the tag itself. Small
+    /// models write a good query or answer and then ramble instead of closing the tag.
+    pub implicit_close_stops: Vec<String>,
     /// Shown after a turn that could not be parsed (Search-R1's corrective message).
     pub invalid_action_message: String,
     /// Most turns before the final answer-only turn.
@@ -141,6 +154,7 @@ impl Default for ProtocolConfig {
             first_turn_prefill: Some("<search>".into()),
             after_observation_prefill: Some("<answer>".into()),
             final_turn_prefill: "<answer>".into(),
+            implicit_close_stops: vec!["\n".into()],
             invalid_action_message: INVALID_ACTION_MESSAGE.to_string(),
             max_turns: 4,
             max_turn_tokens: 64,
@@ -149,12 +163,17 @@ impl Default for ProtocolConfig {
     }
 }
 
-/// The default system prompt: short, because a 135M-parameter model follows short prompts best.
-pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a shop assistant. Answer the customer's question \
-using the search tools. To search the product catalog write <search>product name or keywords</search>. \
-To call another tool write <tool name=\"NAME\">{\"arg\": \"value\"}</tool>. Search results come back \
-inside <information>...</information>. When you know the answer write <answer>short answer</answer>, \
-a few words only.\nTools:\n{tools}";
+/// The default system prompt: short, with one worked example, because a 135M-parameter model
+/// imitates an example far better than it follows instructions.
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a shop assistant. Search the product catalog \
+for the product named in the question, then answer in a few words.\n\
+Example:\n\
+Question: What colour is the Nova Tote?\n\
+<search>Nova Tote</search>\n\
+<information>[BAG-00001] Nova Tote - brand Lumen, bags, red leather, $89.00, in stock (4)</information>\n\
+<answer>red</answer>\n\
+Other tools: <tool name=\"NAME\">{\"arg\": \"value\"}</tool>\n\
+Tools:\n{tools}";
 
 /// Search-R1's message after an unparsable turn.
 pub const INVALID_ACTION_MESSAGE: &str = "\nMy previous action is invalid. If I want to search, \
@@ -167,6 +186,11 @@ impl ProtocolConfig {
         if self.max_turn_tokens == 0 || self.max_episode_tokens == 0 {
             return Err(Error::Config(
                 "max_turn_tokens and max_episode_tokens must be at least 1".into(),
+            ));
+        }
+        if self.implicit_close_stops.iter().any(String::is_empty) {
+            return Err(Error::Config(
+                "implicit_close_stops must not contain an empty string".into(),
             ));
         }
         if self.final_turn_prefill.trim() != "<answer>" && !self.final_turn_prefill.is_empty() {
@@ -260,6 +284,14 @@ mod tests {
                 "{text:?} should be invalid"
             );
         }
+    }
+
+    #[test]
+    fn finds_the_tag_a_prefill_leaves_open() {
+        assert_eq!(opened_action("<search>"), Some("search"));
+        assert_eq!(opened_action("<think>x</think><answer>"), Some("answer"));
+        assert_eq!(opened_action("<search>x</search>"), None);
+        assert_eq!(opened_action(""), None);
     }
 
     #[test]

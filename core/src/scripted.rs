@@ -12,10 +12,14 @@ use crate::{
 
 type Responder = dyn Fn(&str) -> String + Send + Sync;
 
+/// The scripted policy's end-of-sequence token (the NUL byte).
+pub const SCRIPTED_EOS: u32 = 0;
+
 /// A policy whose every turn is computed by a function of the context text.
 ///
-/// Tokens are bytes (id = byte value), so ids, text and masks are easy to check by hand. Every
-/// token gets the same log-probability. An optional fixed delay per call models a model's cost.
+/// Tokens are bytes (id = byte value), so ids, text and masks are easy to check by hand; a
+/// response that ends before any stop string and the token limit ends with the end-of-sequence
+/// token [`SCRIPTED_EOS`]. Every token gets the same log-probability. An optional fixed delay per call models a model's cost.
 pub struct ScriptedPolicy {
     responder: Box<Responder>,
     model_id: String,
@@ -132,10 +136,15 @@ impl Policy for ScriptedPolicy {
             bytes = &bytes[..params.max_tokens];
             finish = FinishReason::Length;
         }
-        let tokens: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+        let mut tokens: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+        let mut text = String::from_utf8_lossy(bytes).into_owned();
+        if finish == FinishReason::Eos {
+            tokens.push(SCRIPTED_EOS);
+            text.push('\0');
+        }
         let sample = Sample {
             logprobs: vec![self.logprob; tokens.len()],
-            text: String::from_utf8_lossy(bytes).into_owned(),
+            text,
             tokens,
             finish,
         };

@@ -94,10 +94,11 @@ fn agent(policy: ScriptedPolicy, config: AgentConfig) -> (Agent, Arc<Catalog>) {
     (Agent::new(slot, tools, config).unwrap(), catalog)
 }
 
-/// Observations the context holds (the system prompt mentions the tag too, so the block's
-/// leading newline is part of the marker).
+/// Observations in the assistant's part of the context (the system prompt shows an example
+/// block too, so only what follows the scripted template's `<assistant>` marker counts).
 fn observations(ctx: &str) -> usize {
-    ctx.matches("\n<information>").count()
+    let reply = ctx.rsplit("<assistant>").next().unwrap_or("");
+    reply.matches("\n<information>").count()
 }
 
 fn text_of(policy: &dyn Policy, t: &Trajectory, kind: SegmentKind) -> String {
@@ -213,6 +214,38 @@ async fn mask_covers_exactly_the_model_tokens() {
         format!("{}{}", t.prompt_text, t.response_text)
     );
     assert_eq!(t.answer.as_deref(), Some("leather"));
+}
+
+#[tokio::test]
+async fn prefilled_tags_close_implicitly_at_a_newline_or_eos() {
+    let script = |ctx: &str| {
+        if observations(ctx) > 0 {
+            "Leather".to_string()
+        } else {
+            "aurora tote\nand then some rambling".to_string()
+        }
+    };
+    let (scaffolded, _) = agent(ScriptedPolicy::new(script), AgentConfig::default());
+    let t = scaffolded.ask("What material is the Aurora Tote?").await.unwrap();
+    assert_eq!(t.tool_calls[0].arguments, json!({"query": "aurora tote"}));
+    assert_eq!(t.answer.as_deref(), Some("Leather"));
+    assert_eq!(t.end, EpisodeEnd::Answered);
+    // The turn ended at the newline: the rambling was never generated.
+    assert!(!t.response_text.contains("rambling"));
+    // The end-of-sequence token is recorded as a model token but is not part of the answer.
+    assert_eq!(t.tokens.last(), Some(&crate::scripted::SCRIPTED_EOS));
+
+    // Without implicit-close stops, a turn that runs into the token limit finishes no action.
+    let mut config = AgentConfig::default();
+    config.protocol.implicit_close_stops.clear();
+    config.protocol.max_turns = 1;
+    let (unclosed, _) = agent(
+        ScriptedPolicy::new(|_: &str| format!("aurora tote\n{}", "x".repeat(200))),
+        config,
+    );
+    let t = unclosed.ask("q").await.unwrap();
+    assert!(t.tool_calls.is_empty());
+    assert_eq!(t.end, EpisodeEnd::NoAnswer);
 }
 
 #[tokio::test]
