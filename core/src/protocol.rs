@@ -157,8 +157,10 @@ impl Default for ProtocolConfig {
             implicit_close_stops: vec!["\n".into()],
             invalid_action_message: INVALID_ACTION_MESSAGE.to_string(),
             max_turns: 4,
-            max_turn_tokens: 64,
-            max_episode_tokens: 384,
+            // Queries, answers and tool calls are short; a longer turn is rambling, and every
+            // generated token also lengthens the next turn's prompt.
+            max_turn_tokens: 48,
+            max_episode_tokens: 256,
         }
     }
 }

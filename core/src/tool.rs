@@ -224,21 +224,24 @@ impl ToolRegistry {
         self.tools.is_empty()
     }
 
-    /// A description of every tool for the system prompt: name, purpose, and argument schema.
+    /// A description of every tool for the system prompt: name, purpose, and a compact
+    /// signature of its arguments (see [`signature`]). Full JSON Schemas would cost a small
+    /// model hundreds of prompt tokens per tool, and prompt processing dominates an episode's
+    /// time on a CPU.
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for tool in &self.tools {
             let default = if self.default_tool.as_deref() == Some(tool.name()) {
-                " (default: <search>query</search>)"
+                " Call it with <search>query</search>."
             } else {
                 ""
             };
             out.push_str(&format!(
-                "- {}{}: {} Arguments: {}\n",
+                "- {}: {}{} Arguments: {}\n",
                 tool.name(),
+                tool.description().trim(),
                 default,
-                tool.description(),
-                tool.parameters()
+                signature(&tool.parameters())
             ));
         }
         out
@@ -284,6 +287,63 @@ impl ToolRegistry {
                 }
             }
         }
+    }
+}
+
+/// A compact rendering of an argument schema: `{"query": string, "limit"?: integer}`, a constant
+/// property as its value (`{"query": "stock_by_sku", "sku": string}`), and `oneOf`/`anyOf`
+/// alternatives joined by ` | `.
+pub fn signature(schema: &Value) -> String {
+    if let Some(alternatives) = schema
+        .get("oneOf")
+        .or_else(|| schema.get("anyOf"))
+        .and_then(Value::as_array)
+    {
+        return alternatives
+            .iter()
+            .map(signature)
+            .collect::<Vec<_>>()
+            .join(" | ");
+    }
+    let Some(properties) = schema.get("properties").and_then(Value::as_object) else {
+        return type_name(schema);
+    };
+    let required: Vec<&str> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let fields: Vec<String> = properties
+        .iter()
+        .map(|(name, property)| {
+            let optional = if required.contains(&name.as_str()) { "" } else { "?" };
+            let value = match property.get("const") {
+                Some(constant) => constant.to_string(),
+                None => type_name(property),
+            };
+            format!("\"{name}\"{optional}: {value}")
+        })
+        .collect();
+    format!("{{{}}}", fields.join(", "))
+}
+
+/// The JSON type a schema names (`string`, `integer`, one of several joined by `/`), or `any`.
+fn type_name(schema: &Value) -> String {
+    match schema.get("type") {
+        Some(Value::String(t)) => t.clone(),
+        Some(Value::Array(ts)) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join("/"),
+        _ => match schema.get("enum").and_then(Value::as_array) {
+            Some(values) => values
+                .iter()
+                .map(Value::to_string)
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => "any".to_string(),
+        },
     }
 }
 
@@ -394,6 +454,21 @@ mod tests {
     }
 
     #[test]
+    fn signatures_are_compact() {
+        let schema = json!({"oneOf": [
+            {"type": "object", "properties": {"query": {"const": "stock_by_sku"}, "sku": {"type": "string", "maxLength": 32}}, "required": ["query", "sku"]},
+            {"type": "object", "properties": {"query": {"const": "find"}, "max_price": {"type": ["number", "null"]}}, "required": ["query"]}
+        ]});
+        assert_eq!(
+            signature(&schema),
+            r#"{"query": "stock_by_sku", "sku": string} | {"max_price"?: number/null, "query": "find"}"#
+        );
+        assert_eq!(signature(&json!({"type": "string"})), "string");
+        assert_eq!(signature(&json!({"enum": ["a", "b"]})), r#""a"/"b""#);
+        assert_eq!(signature(&json!({})), "any");
+    }
+
+    #[test]
     fn names_are_validated_and_unique() {
         let mut r = registry();
         assert!(r.register(Arc::new(Echo)).is_err());
@@ -402,6 +477,9 @@ mod tests {
         assert!(!is_valid_tool_name("Bad Name"));
         assert!(!is_valid_tool_name(""));
         assert!(is_valid_tool_name("inventory_v2"));
-        assert!(r.describe().contains("echo (default"));
+        assert_eq!(
+            r.describe(),
+            "- echo: Repeats the query. Call it with <search>query</search>. Arguments: {\"query\": string}\n"
+        );
     }
 }

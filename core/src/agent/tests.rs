@@ -80,9 +80,12 @@ fn tools() -> (Arc<ToolRegistry>, Arc<Catalog>) {
     (Arc::new(registry), catalog)
 }
 
-/// A config with no prefill, so scripts write whole actions themselves.
+/// A config with no prefill, so scripts write whole actions themselves, and turn limits sized
+/// for byte tokens.
 fn unscaffolded() -> AgentConfig {
     let mut config = AgentConfig::default();
+    config.protocol.max_turn_tokens = 200;
+    config.protocol.max_episode_tokens = 2_000;
     config.protocol.first_turn_prefill = None;
     config.protocol.after_observation_prefill = None;
     config

@@ -1,1 +1,0 @@
-//! The searchloop command-line tool.

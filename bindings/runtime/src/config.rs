@@ -1,0 +1,317 @@
+//! The application config (`searchloop.toml`): the model, the agent, the tools, the store. Read
+//! from TOML or JSON; relative paths are resolved against the config file's folder.
+//!
+//! A config file is untrusted input: unknown keys are refused (`deny_unknown_fields`), every
+//! section is validated at start-up, and errors name the file and the field.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use searchloop_core::{AgentConfig, RewardPolicy, ToolLimits};
+use searchloop_store_sql::{SqliteSync, StoreOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
+
+/// The whole application config.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AppConfig {
+    /// The served model.
+    pub model: ModelSection,
+    /// The agent loop: protocol, sampling, episode rewards.
+    pub agent: AgentConfig,
+    /// The tools, in registration order; the first is the default `<search>` tool unless
+    /// `default_tool` names another.
+    pub tools: Vec<ToolSection>,
+    /// The tool `<search>` calls.
+    pub default_tool: Option<String>,
+    /// Per-call limits of every tool.
+    pub tool_limits: ToolLimits,
+    /// Where trajectories, rewards and adapters are stored.
+    pub store: StoreSection,
+}
+
+/// The `[model]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file; absent means the embedded default model (fetched and cached on first use).
+    pub path: Option<PathBuf>,
+    /// In-memory encoding of the weights: `f32` (the default), `original`, `q8_0` or `q4_0`.
+    pub weights: searchloop_model_mistralrs::WeightsEncoding,
+    /// Most sequences decoded at once.
+    pub max_concurrent_sequences: usize,
+    /// Longest prompt plus completion; absent uses the model's own.
+    pub context_length: Option<usize>,
+    /// A Jinja chat template replacing the GGUF's.
+    pub chat_template: Option<String>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        let engine = searchloop_model_mistralrs::MistralRsConfig::new(PathBuf::new());
+        Self {
+            path: None,
+            // An episode is mostly prompt processing (the system prompt, then the whole context
+            // again after each observation), and candle's quantized prompt path is a loop of
+            // row products: f32 weights run a whole retail episode about 1.7x faster than Q8_0
+            // and 3x faster than the shipped Q4_1 on a CPU, and their log-probs are the
+            // trainer's to 1e-5. For a much larger model, `q8_0` saves the memory.
+            weights: searchloop_model_mistralrs::WeightsEncoding::F32,
+            max_concurrent_sequences: engine.max_concurrent_sequences,
+            context_length: engine.context_length,
+            chat_template: engine.chat_template,
+        }
+    }
+}
+
+/// One `[[tools]]` entry; `kind` selects the plugin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToolSection {
+    /// The tantivy product catalog.
+    Catalog(CatalogSection),
+    /// The read-only SQL inventory; its named queries live in their own file.
+    Sql(ToolFile),
+    /// An HTTP JSON search API; its request and result mapping live in their own file.
+    Http(ToolFile),
+}
+
+/// A tool whose plugin reads its own config file (the SQL and HTTP plugins' formats are
+/// documented with them; see `plugins/search-sql/configs/` and `plugins/search-http/configs/`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolFile {
+    /// The plugin's TOML config file.
+    pub file: PathBuf,
+}
+
+/// A catalog tool: an index folder, and catalog files to index when the index is empty.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSection {
+    /// The tool's name.
+    #[serde(default = "default_catalog_name")]
+    pub name: String,
+    /// The index folder (created if missing).
+    pub index: PathBuf,
+    /// JSONL or CSV catalog files indexed when the index is empty.
+    #[serde(default)]
+    pub products: Vec<PathBuf>,
+    /// Results per search when the model asks for no `limit`.
+    #[serde(default = "default_catalog_limit")]
+    pub default_limit: usize,
+}
+
+fn default_catalog_name() -> String {
+    "catalog".into()
+}
+
+fn default_catalog_limit() -> usize {
+    3
+}
+
+/// The `[store]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSection {
+    /// A SQLite file path (or `sqlite://` URL), or a `postgres://` URL.
+    pub url: String,
+    /// Smallest host feedback value accepted.
+    pub feedback_min: f64,
+    /// Largest host feedback value accepted.
+    pub feedback_max: f64,
+    /// SQLite durability: `full` (fsync per commit, the default) or `normal`.
+    pub sqlite_sync: SqliteSync,
+    /// Per-source weights of the training reward (the latest value per source, weighted and
+    /// summed); a source not named here uses the weight recorded with it.
+    pub reward_weights: BTreeMap<String, f64>,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        Self {
+            url: "searchloop.db".into(),
+            feedback_min: -1.0,
+            feedback_max: 1.0,
+            sqlite_sync: SqliteSync::Full,
+            reward_weights: BTreeMap::new(),
+        }
+    }
+}
+
+impl StoreSection {
+    /// The store's options.
+    pub fn options(&self) -> StoreOptions {
+        StoreOptions {
+            feedback_range: self.feedback_min..=self.feedback_max,
+            reward_policy: RewardPolicy {
+                weights: self.reward_weights.clone(),
+            },
+            sqlite_sync: self.sqlite_sync,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+impl AppConfig {
+    /// Reads a TOML (or, by extension, JSON) config file and resolves its relative paths
+    /// against the file's folder.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RuntimeError::io(format!("cannot read config file {}", path.display()), e)
+        })?;
+        let is_json = path.extension().is_some_and(|e| e == "json");
+        let mut config: AppConfig = if is_json {
+            serde_json::from_str(&text)
+                .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?
+        } else {
+            toml::from_str(&text)
+                .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?
+        };
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config
+            .validate()
+            .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?;
+        Ok(config)
+    }
+
+    /// Writes the config as TOML.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self)
+            .map_err(|e| RuntimeError::Config(format!("cannot encode config: {e}")))?;
+        std::fs::write(path, text)
+            .map_err(|e| RuntimeError::io(format!("cannot write {}", path.display()), e))
+    }
+
+    /// Makes every relative path absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.model.path.as_mut() {
+            resolve(p);
+        }
+        for tool in &mut self.tools {
+            match tool {
+                ToolSection::Catalog(c) => {
+                    resolve(&mut c.index);
+                    c.products.iter_mut().for_each(resolve);
+                }
+                ToolSection::Sql(f) | ToolSection::Http(f) => resolve(&mut f.file),
+            }
+        }
+        if !self.store.url.contains("://") {
+            let mut p = PathBuf::from(&self.store.url);
+            resolve(&mut p);
+            self.store.url = p.to_string_lossy().into_owned();
+        }
+    }
+
+    /// Checks everything that can be checked before loading anything.
+    pub fn validate(&self) -> Result<()> {
+        self.agent.validate()?;
+        if self.tools.is_empty() {
+            return Err(RuntimeError::Config("at least one [[tools]] entry is needed".into()));
+        }
+        if self.model.max_concurrent_sequences == 0 {
+            return Err(RuntimeError::Config(
+                "model.max_concurrent_sequences must be at least 1".into(),
+            ));
+        }
+        if self.tool_limits.timeout_ms == 0 || self.tool_limits.max_observation_chars == 0 {
+            return Err(RuntimeError::Config(
+                "tool_limits.timeout_ms and tool_limits.max_observation_chars must be positive"
+                    .into(),
+            ));
+        }
+        if self.store.url.trim().is_empty() {
+            return Err(RuntimeError::Config("store.url must not be empty".into()));
+        }
+        let (lo, hi) = (self.store.feedback_min, self.store.feedback_max);
+        if !lo.is_finite() || !hi.is_finite() || lo > hi {
+            return Err(RuntimeError::Config(format!(
+                "store.feedback_min ({lo}) and store.feedback_max ({hi}) must be finite with min <= max"
+            )));
+        }
+        if let Some((source, w)) = self.store.reward_weights.iter().find(|(_, w)| !w.is_finite()) {
+            return Err(RuntimeError::Config(format!(
+                "store.reward_weights.{source} must be finite, got {w}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minimal_file_gets_defaults_and_absolute_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("searchloop.toml");
+        std::fs::write(
+            &path,
+            "[[tools]]\nkind = \"catalog\"\nindex = \"index\"\nproducts = [\"catalog.jsonl\"]\n",
+        )
+        .unwrap();
+        let config = AppConfig::load(&path).unwrap();
+        assert_eq!(config.model.path, None);
+        let ToolSection::Catalog(catalog) = &config.tools[0] else {
+            panic!("the first tool is the catalog");
+        };
+        assert_eq!(catalog.name, "catalog");
+        assert_eq!(catalog.index, dir.path().join("index"));
+        assert_eq!(catalog.products, vec![dir.path().join("catalog.jsonl")]);
+        assert_eq!(
+            PathBuf::from(&config.store.url),
+            dir.path().join("searchloop.db")
+        );
+        // A saved config loads back to the same value.
+        let copy = dir.path().join("copy.toml");
+        config.save(&copy).unwrap();
+        assert_eq!(AppConfig::load(&copy).unwrap(), config);
+    }
+
+    #[test]
+    fn bad_files_give_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            ("unknown.toml", "[model]\nweigths = \"q8_0\"\n", "weigths"),
+            ("notoml.toml", "this is not toml", "notoml.toml"),
+            ("notools.toml", "[model]\n", "at least one [[tools]]"),
+            (
+                "sqlwithoutfile.toml",
+                "[[tools]]\nkind = \"sql\"\ndatabase = \"x\"\n",
+                "database",
+            ),
+            (
+                "badkind.toml",
+                "[[tools]]\nkind = \"teleport\"\nindex = \"x\"\n",
+                "teleport",
+            ),
+            (
+                "badtemp.toml",
+                "[agent.sampling]\ntemperature = -1.0\n[[tools]]\nkind = \"catalog\"\nindex = \"x\"\n",
+                "temperature",
+            ),
+        ];
+        for (name, text, expected) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = AppConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "{name}: {err}");
+        }
+        let err = AppConfig::load(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}

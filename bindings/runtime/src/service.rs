@@ -1,0 +1,222 @@
+//! The running application: a model in a swappable slot, the tool registry, the agent, and the
+//! operations every front end exposes (ask, and later feedback, train, adapters).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use searchloop_core::{
+    Agent, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
+};
+use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy};
+use searchloop_store_sql::Store;
+use searchloop_search_http::{HttpSearchConfig, HttpSearchTool};
+use searchloop_search_sql::{InventoryConfig, InventoryTool};
+use searchloop_search_tantivy::{
+    CatalogIndex, CatalogSearchTool, CatalogSource, CatalogToolConfig, IndexReport, Progress,
+};
+
+use crate::{
+    config::{AppConfig, CatalogSection, ModelSection, ToolSection},
+    default_model,
+    error::{Result, RuntimeError},
+};
+
+/// A started searchloop application.
+pub struct Runtime {
+    config: AppConfig,
+    agent: Agent,
+    store: Arc<Store>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").field("agent", &self.agent).finish()
+    }
+}
+
+impl Runtime {
+    /// Loads the model, opens the tools and builds the agent described by `config`.
+    pub async fn start(config: AppConfig) -> Result<Self> {
+        config.validate()?;
+        let store = Arc::new(open_store(&config).await?);
+        let tools = Arc::new(build_tools(&config).await?);
+        let policy = load_policy(&config.model, None, None).await?;
+        let agent = Agent::new(
+            Arc::new(PolicySlot::new(policy)),
+            tools,
+            config.agent.clone(),
+        )?
+        .with_sink(store.clone());
+        Ok(Self {
+            config,
+            agent,
+            store,
+        })
+    }
+
+    /// The trajectory store every episode is recorded in.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The config the runtime was started with.
+    pub fn config(&self) -> &AppConfig {
+        &self.config
+    }
+
+    /// The agent.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// Answers one question.
+    pub async fn ask(&self, question: &str) -> Result<Trajectory> {
+        self.run(EpisodeRequest::new(question)).await
+    }
+
+    /// Runs one episode.
+    pub async fn run(&self, request: EpisodeRequest) -> Result<Trajectory> {
+        if request.question.trim().is_empty() {
+            return Err(RuntimeError::Config("the question is empty".into()));
+        }
+        Ok(self.agent.run(request).await?)
+    }
+}
+
+/// Opens (creating if needed) the store the config names.
+pub async fn open_store(config: &AppConfig) -> Result<Store> {
+    Ok(Store::open_with(&config.store.url, config.store.options()).await?)
+}
+
+/// Loads the served model: the configured GGUF (or the embedded default), or `merged`, a GGUF
+/// with adapter `version` merged in.
+pub async fn load_policy(
+    section: &ModelSection,
+    merged: Option<&Path>,
+    version: Option<u64>,
+) -> Result<Arc<dyn Policy>> {
+    let path = match (merged, &section.path) {
+        (Some(path), _) => path.to_path_buf(),
+        (None, Some(path)) => path.clone(),
+        (None, None) => default_model::ensure()?,
+    };
+    let mut engine = MistralRsConfig::new(path);
+    engine.adapter_version = version;
+    engine.weights = section.weights;
+    engine.max_concurrent_sequences = section.max_concurrent_sequences;
+    engine.context_length = section.context_length;
+    engine.chat_template = section.chat_template.clone();
+    let policy = MistralRsPolicy::load(&engine)
+        .await
+        .map_err(|e| RuntimeError::Model(e.to_string()))?;
+    Ok(Arc::new(policy))
+}
+
+/// Opens every configured tool and registers it.
+pub async fn build_tools(config: &AppConfig) -> Result<ToolRegistry> {
+    let mut registry = ToolRegistry::new().with_limits(config.tool_limits.clone());
+    for section in &config.tools {
+        let tool: Arc<dyn DynTool> = match section {
+            ToolSection::Catalog(c) => Arc::new(open_catalog(c)?),
+            ToolSection::Sql(f) => Arc::new(open_inventory(&f.file).await?),
+            ToolSection::Http(f) => Arc::new(open_http(&f.file)?),
+        };
+        registry.register(tool)?;
+    }
+    if let Some(name) = &config.default_tool {
+        registry.set_default(name)?;
+    }
+    Ok(registry)
+}
+
+/// Connects the SQL inventory tool described by the file at `path`. A relative SQLite path in
+/// its `database` URL is taken relative to that file, like every path in a config.
+pub async fn open_inventory(path: &Path) -> Result<InventoryTool> {
+    let tool_error = |message: String| RuntimeError::Tool {
+        tool: format!("sql ({})", path.display()),
+        message,
+    };
+    let mut config = InventoryConfig::from_toml_file(path).map_err(|e| tool_error(e.to_string()))?;
+    if let Some(file) = config.database.strip_prefix("sqlite://") {
+        let file = Path::new(file);
+        if file.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            config.database = format!("sqlite://{}", base.join(file).display());
+        }
+    }
+    InventoryTool::connect(config)
+        .await
+        .map_err(|e| tool_error(e.to_string()))
+}
+
+/// Builds the HTTP search tool described by the file at `path`.
+pub fn open_http(path: &Path) -> Result<HttpSearchTool> {
+    let tool_error = |message: String| RuntimeError::Tool {
+        tool: format!("http ({})", path.display()),
+        message,
+    };
+    let config = HttpSearchConfig::from_toml_file(path).map_err(|e| tool_error(e.to_string()))?;
+    HttpSearchTool::new(config).map_err(|e| tool_error(e.to_string()))
+}
+
+/// Opens a catalog index, indexing its product files first when it is empty.
+pub fn open_catalog(section: &CatalogSection) -> Result<CatalogSearchTool> {
+    let index = open_catalog_index(section)?;
+    if index.num_products() == 0 && !section.products.is_empty() {
+        index_into(section, &index, &section.products, true)?;
+    }
+    let config = CatalogToolConfig {
+        name: section.name.clone(),
+        default_limit: section.default_limit,
+        ..CatalogToolConfig::default()
+    };
+    Ok(CatalogSearchTool::with_config(Arc::new(index), config))
+}
+
+/// Indexes `files` (JSONL or CSV) into the catalog's index: a rebuild from scratch, or an update
+/// by SKU.
+pub fn index_catalog(section: &CatalogSection, files: &[PathBuf], rebuild: bool) -> Result<IndexReport> {
+    let index = open_catalog_index(section)?;
+    index_into(section, &index, files, rebuild)
+}
+
+fn open_catalog_index(section: &CatalogSection) -> Result<CatalogIndex> {
+    Ok(CatalogIndex::create_or_open(&section.index)
+        .map_err(|e| catalog_error(section, e))?
+        .with_progress(Progress::Auto))
+}
+
+fn index_into(
+    section: &CatalogSection,
+    index: &CatalogIndex,
+    files: &[PathBuf],
+    rebuild: bool,
+) -> Result<IndexReport> {
+    let sources = files
+        .iter()
+        .map(|p| CatalogSource::from_path(p.clone()))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| catalog_error(section, e))?;
+    if rebuild {
+        return index.rebuild(&sources).map_err(|e| catalog_error(section, e));
+    }
+    let mut last = None;
+    for source in &sources {
+        let report = match source {
+            CatalogSource::Jsonl(path) => index.index_jsonl(path),
+            CatalogSource::Csv(path) => index.index_csv(path),
+        }
+        .map_err(|e| catalog_error(section, e))?;
+        last = Some(report);
+    }
+    last.ok_or_else(|| RuntimeError::Config(format!("no files to index for tool '{}'", section.name)))
+}
+
+fn catalog_error(section: &CatalogSection, e: searchloop_search_tantivy::CatalogError) -> RuntimeError {
+    RuntimeError::Tool {
+        tool: section.name.clone(),
+        message: e.to_string(),
+    }
+}

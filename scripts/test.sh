@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): starts PostgreSQL, fetches the default model
+# through the project's own fetcher, builds every target once in the release profile, and runs
+# the Rust tests and the Python binding tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "PostgreSQL for the store and inventory tests"
+eval "$(scripts/postgres.sh start)"
+export SEARCHLOOP_PG_URL
+
+step "Build (release profile, every target: libraries, binaries, tests, examples, benchmarks)"
+cargo build --release --workspace --all-targets --locked
+
+step "Default model"
+SEARCHLOOP_MODEL_PATH=$(target/release/searchloop model fetch)
+echo "model: $SEARCHLOOP_MODEL_PATH"
+
+step "Rust tests"
+cargo test --release --workspace --locked
+
+if [ -x scripts/test-python.sh ]; then
+    step "Python binding tests"
+    scripts/test-python.sh
+fi
+
+step "Formatting"
+cargo fmt --all --check
