@@ -171,6 +171,19 @@ impl Agent {
         &self.config
     }
 
+    /// An agent sharing this one's policy slot, tools and sink but running episodes with
+    /// `config`: how a front end applies one request's sampling overrides without touching the
+    /// agent other requests use. Fails on an invalid config.
+    pub fn reconfigured(&self, config: AgentConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            policy: Arc::clone(&self.policy),
+            tools: Arc::clone(&self.tools),
+            config,
+            sink: self.sink.clone(),
+        })
+    }
+
     /// Runs one episode for `question` and records it.
     pub async fn ask(&self, question: &str) -> Result<Trajectory> {
         self.run(EpisodeRequest::new(question)).await

@@ -316,7 +316,11 @@ pub fn signature(schema: &Value) -> String {
     let fields: Vec<String> = properties
         .iter()
         .map(|(name, property)| {
-            let optional = if required.contains(&name.as_str()) { "" } else { "?" };
+            let optional = if required.contains(&name.as_str()) {
+                ""
+            } else {
+                "?"
+            };
             let value = match property.get("const") {
                 Some(constant) => constant.to_string(),
                 None => type_name(property),
@@ -455,9 +459,11 @@ mod tests {
 
     #[test]
     fn signatures_are_compact() {
+        // Properties are written in sorted order: serde_json keeps insertion order when another
+        // crate in the build (mistral.rs) enables `preserve_order`, and sorted order otherwise.
         let schema = json!({"oneOf": [
             {"type": "object", "properties": {"query": {"const": "stock_by_sku"}, "sku": {"type": "string", "maxLength": 32}}, "required": ["query", "sku"]},
-            {"type": "object", "properties": {"query": {"const": "find"}, "max_price": {"type": ["number", "null"]}}, "required": ["query"]}
+            {"type": "object", "properties": {"max_price": {"type": ["number", "null"]}, "query": {"const": "find"}}, "required": ["query"]}
         ]});
         assert_eq!(
             signature(&schema),

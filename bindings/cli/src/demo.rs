@@ -54,7 +54,10 @@ pub async fn prepare_workdir(workdir: &Path, seed: u64) -> anyhow::Result<PathBu
         .with_context(|| format!("cannot create the work folder {}", workdir.display()))?;
     let data = workdir.join("data");
     if !data.join("questions.jsonl").is_file() {
-        eprintln!("generating the retail data set (seed {seed}) in {}", data.display());
+        eprintln!(
+            "generating the retail data set (seed {seed}) in {}",
+            data.display()
+        );
         let dataset = retail::generate(&GeneratorConfig {
             seed,
             ..GeneratorConfig::default()
@@ -133,7 +136,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 /// still shows every kind.
 fn heldout_sample(questions: &[Question], n: usize) -> Vec<&Question> {
     let mut by_kind: Vec<Vec<&Question>> = Vec::new();
-    for q in questions.iter().filter(|q| q.split == retail::Split::Heldout) {
+    for q in questions
+        .iter()
+        .filter(|q| q.split == retail::Split::Heldout)
+    {
         match by_kind.iter_mut().find(|k| k[0].kind == q.kind) {
             Some(kind) => kind.push(q),
             None => by_kind.push(vec![q]),
@@ -153,7 +159,11 @@ fn heldout_sample(questions: &[Question], n: usize) -> Vec<&Question> {
 }
 
 fn print_episode(i: usize, n: usize, question: &Question, t: &Trajectory) {
-    println!("\n[{i}/{n}] {}  ({})", question.question, question.kind.as_str());
+    println!(
+        "\n[{i}/{n}] {}  ({})",
+        question.question,
+        question.kind.as_str()
+    );
     for call in &t.tool_calls {
         let args = call
             .arguments
@@ -162,7 +172,10 @@ fn print_episode(i: usize, n: usize, question: &Question, t: &Trajectory) {
             .map_or_else(|| call.arguments.to_string(), str::to_string);
         let first = call.observation.lines().next().unwrap_or("");
         println!("  {}: {args}", call.tool);
-        println!("    → {}", searchloop_core::tool::truncate_chars(first, 110));
+        println!(
+            "    → {}",
+            searchloop_core::tool::truncate_chars(first, 110)
+        );
     }
     let answer = t.answer.as_deref().unwrap_or("(no answer)");
     let em = reward::exact_match(answer, &question.answers);

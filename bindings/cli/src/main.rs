@@ -6,8 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use searchloop_runtime::{AppConfig, Runtime};
 
+mod adapters_cmd;
 mod demo;
+mod serve_cmd;
 mod store_cmd;
+mod train_cmd;
 
 /// searchloop: a search agent that learns from its own traffic.
 #[derive(Debug, Parser)]
@@ -55,6 +58,19 @@ enum Command {
     /// Manage the embedded default model.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Run one training round: sample replay groups and read logged feedback, train a LoRA
+    /// candidate with GRPO + SAPO, and register it with its merged model.
+    Train(train_cmd::TrainArgs),
+    /// Score the base model or an adapter on held-out questions (EM/F1).
+    Eval(train_cmd::EvalArgs),
+    /// Draw training curves from rounds' metrics files.
+    Plot(train_cmd::PlotArgs),
+    /// The adapter registry: list, show, promote, roll back.
+    #[command(subcommand)]
+    Adapters(adapters_cmd::AdaptersCommand),
+    /// Serve the agent over HTTP (ask, feedback, trajectories, health, Prometheus metrics) until
+    /// Ctrl-C or SIGTERM; the episodes in flight finish before it exits.
+    Serve(serve_cmd::ServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +115,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokio_runtime()?.block_on(store_cmd::trajectories(&config()?, command))
         }
         Command::Store(command) => tokio_runtime()?.block_on(store_cmd::store(&config()?, command)),
+        Command::Train(args) => tokio_runtime()?.block_on(train_cmd::train(&cli.config, args)),
+        Command::Eval(args) => tokio_runtime()?.block_on(train_cmd::eval(&cli.config, args)),
+        Command::Plot(args) => train_cmd::plot(args),
+        Command::Serve(args) => tokio_runtime()?.block_on(serve_cmd::run(config()?, args)),
+        Command::Adapters(command) => {
+            tokio_runtime()?.block_on(adapters_cmd::run(&config()?, command))
+        }
     }
 }
 
@@ -117,7 +140,10 @@ fn index(config: &AppConfig, files: &[PathBuf], rebuild: bool) -> anyhow::Result
             _ => None,
         })
         .collect();
-    anyhow::ensure!(!catalogs.is_empty(), "the config has no catalog tool to index");
+    anyhow::ensure!(
+        !catalogs.is_empty(),
+        "the config has no catalog tool to index"
+    );
     for catalog in catalogs {
         let sources: Vec<PathBuf> = if files.is_empty() {
             catalog.products.clone()
@@ -143,7 +169,10 @@ async fn ask(config: AppConfig, question: &str) -> anyhow::Result<()> {
     let t = runtime.ask(question).await?;
     for call in &t.tool_calls {
         println!("{}: {}", call.tool, call.arguments);
-        println!("  → {}", searchloop_core::tool::truncate_chars(&call.observation, 200));
+        println!(
+            "  → {}",
+            searchloop_core::tool::truncate_chars(&call.observation, 200)
+        );
     }
     println!("answer: {}", t.answer.as_deref().unwrap_or("(no answer)"));
     println!("trajectory: {}  ({:.1} s)", t.id, t.timing.total_ms / 1e3);

@@ -94,7 +94,9 @@ fn parse_split(s: &str) -> Result<Split, String> {
     match s {
         "train" => Ok(Split::Train),
         "heldout" => Ok(Split::Heldout),
-        other => Err(format!("unknown split {other:?}: expected train or heldout")),
+        other => Err(format!(
+            "unknown split {other:?}: expected train or heldout"
+        )),
     }
 }
 
@@ -143,7 +145,9 @@ pub async fn trajectories(config: &AppConfig, command: TrajectoriesCommand) -> a
                 .await?;
             for t in &page.items {
                 let reward = t.reward.map_or("-".to_string(), |r| format!("{r:.2}"));
-                let adapter = t.adapter_version.map_or("base".to_string(), |v| format!("v{v}"));
+                let adapter = t
+                    .adapter_version
+                    .map_or("base".to_string(), |v| format!("v{v}"));
                 println!(
                     "{}  {}  {adapter:>5}  reward {reward:>5}  {}  →  {}",
                     t.id,
@@ -167,8 +171,14 @@ pub async fn trajectories(config: &AppConfig, command: TrajectoriesCommand) -> a
                 println!("id:        {}", t.id);
                 println!("created:   {}", t.created_at);
                 println!("question:  {}", t.question);
-                println!("answer:    {}", t.answer.as_deref().unwrap_or("(no answer)"));
-                println!("model:     {} (adapter {:?})", t.model_id, t.adapter_version);
+                println!(
+                    "answer:    {}",
+                    t.answer.as_deref().unwrap_or("(no answer)")
+                );
+                println!(
+                    "model:     {} (adapter {:?})",
+                    t.model_id, t.adapter_version
+                );
                 println!(
                     "tokens:    {} ({} trained), {} turns, {:.0} ms",
                     t.tokens.len(),
@@ -177,10 +187,16 @@ pub async fn trajectories(config: &AppConfig, command: TrajectoriesCommand) -> a
                     t.timing.total_ms
                 );
                 for call in &t.tool_calls {
-                    println!("tool:      {} {} → {}", call.tool, call.arguments, call.observation);
+                    println!(
+                        "tool:      {} {} → {}",
+                        call.tool, call.arguments, call.observation
+                    );
                 }
                 for r in &t.rewards {
-                    println!("reward:    {} = {} (weight {}) at {}", r.source, r.value, r.weight, r.at);
+                    println!(
+                        "reward:    {} = {} (weight {}) at {}",
+                        r.source, r.value, r.weight, r.at
+                    );
                 }
                 println!("--- response\n{}", t.response_text);
             }
@@ -216,10 +232,18 @@ pub async fn store(config: &AppConfig, command: StoreCommand) -> anyhow::Result<
         StoreCommand::Stats => {
             let stats = store.stats().await?;
             println!("backend:      {:?} ({})", stats.backend, store.location());
-            println!("trajectories: {} ({} rewarded, {} groups)", stats.trajectories, stats.rewarded_trajectories, stats.groups);
-            println!("rewards:      {} entries ({} host feedback)", stats.reward_entries, stats.feedback_entries);
+            println!(
+                "trajectories: {} ({} rewarded, {} groups)",
+                stats.trajectories, stats.rewarded_trajectories, stats.groups
+            );
+            println!(
+                "rewards:      {} entries ({} host feedback)",
+                stats.reward_entries, stats.feedback_entries
+            );
             for v in &stats.by_adapter_version {
-                let name = v.adapter_version.map_or("base".to_string(), |v| format!("v{v}"));
+                let name = v
+                    .adapter_version
+                    .map_or("base".to_string(), |v| format!("v{v}"));
                 println!("  served by {name:>5}: {}", v.trajectories);
             }
             for s in &stats.by_split {
@@ -239,7 +263,9 @@ pub async fn store(config: &AppConfig, command: StoreCommand) -> anyhow::Result<
             println!(
                 "adapters:     {} registered, promoted: {}",
                 stats.adapters,
-                stats.promoted_adapter.map_or("none (base model)".to_string(), |v| format!("v{v}"))
+                stats
+                    .promoted_adapter
+                    .map_or("none (base model)".to_string(), |v| format!("v{v}"))
             );
             println!("size:         {} bytes", stats.size_bytes);
         }

@@ -14,6 +14,7 @@ use searchloop_store_sql::{SqliteSync, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
+use crate::scheduler::SchedulerConfig;
 
 /// The whole application config.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -32,6 +33,9 @@ pub struct AppConfig {
     pub tool_limits: ToolLimits,
     /// Where trajectories, rewards and adapters are stored.
     pub store: StoreSection,
+    /// The learning loop (training rounds, the eval gate, the scheduler, the live monitor);
+    /// absent means this process does not train.
+    pub learn: Option<SchedulerConfig>,
 }
 
 /// The `[model]` section.
@@ -207,6 +211,9 @@ impl AppConfig {
                 ToolSection::Sql(f) | ToolSection::Http(f) => resolve(&mut f.file),
             }
         }
+        if let Some(learn) = self.learn.as_mut() {
+            learn.resolve_paths(base);
+        }
         if !self.store.url.contains("://") {
             let mut p = PathBuf::from(&self.store.url);
             resolve(&mut p);
@@ -218,7 +225,9 @@ impl AppConfig {
     pub fn validate(&self) -> Result<()> {
         self.agent.validate()?;
         if self.tools.is_empty() {
-            return Err(RuntimeError::Config("at least one [[tools]] entry is needed".into()));
+            return Err(RuntimeError::Config(
+                "at least one [[tools]] entry is needed".into(),
+            ));
         }
         if self.model.max_concurrent_sequences == 0 {
             return Err(RuntimeError::Config(
@@ -240,10 +249,18 @@ impl AppConfig {
                 "store.feedback_min ({lo}) and store.feedback_max ({hi}) must be finite with min <= max"
             )));
         }
-        if let Some((source, w)) = self.store.reward_weights.iter().find(|(_, w)| !w.is_finite()) {
+        if let Some((source, w)) = self
+            .store
+            .reward_weights
+            .iter()
+            .find(|(_, w)| !w.is_finite())
+        {
             return Err(RuntimeError::Config(format!(
                 "store.reward_weights.{source} must be finite, got {w}"
             )));
+        }
+        if let Some(learn) = &self.learn {
+            learn.validate()?;
         }
         Ok(())
     }

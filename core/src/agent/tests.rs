@@ -229,7 +229,10 @@ async fn prefilled_tags_close_implicitly_at_a_newline_or_eos() {
         }
     };
     let (scaffolded, _) = agent(ScriptedPolicy::new(script), AgentConfig::default());
-    let t = scaffolded.ask("What material is the Aurora Tote?").await.unwrap();
+    let t = scaffolded
+        .ask("What material is the Aurora Tote?")
+        .await
+        .unwrap();
     assert_eq!(t.tool_calls[0].arguments, json!({"query": "aurora tote"}));
     assert_eq!(t.answer.as_deref(), Some("Leather"));
     assert_eq!(t.end, EpisodeEnd::Answered);
@@ -437,4 +440,39 @@ fn an_agent_needs_tools_and_a_valid_config() {
     let mut config = AgentConfig::default();
     config.sampling.top_p = 2.0;
     assert!(Agent::new(slot, tools, config).is_err());
+}
+
+#[tokio::test]
+async fn a_reconfigured_agent_shares_policy_tools_and_sink() {
+    struct Memory(Mutex<Vec<Trajectory>>);
+    #[async_trait::async_trait]
+    impl TrajectorySink for Memory {
+        async fn record(&self, t: &Trajectory) -> crate::Result<()> {
+            self.0.lock().unwrap().push(t.clone());
+            Ok(())
+        }
+    }
+    let sink = Arc::new(Memory(Mutex::new(Vec::new())));
+    let (agent, _) = agent(
+        ScriptedPolicy::new(|_: &str| "x</answer>".to_string()),
+        AgentConfig::default(),
+    );
+    let agent = agent.with_sink(sink.clone());
+    let mut config = agent.config().clone();
+    config.sampling.temperature = 0.9;
+    let hot = agent.reconfigured(config.clone()).unwrap();
+    assert!(Arc::ptr_eq(hot.policy(), agent.policy()));
+    assert!(Arc::ptr_eq(hot.tools(), agent.tools()));
+    assert_eq!(hot.ask("q").await.unwrap().sampling.temperature, 0.9);
+    assert_eq!(
+        agent.ask("q").await.unwrap().sampling.temperature,
+        crate::agent::SERVING_TEMPERATURE
+    );
+    assert_eq!(
+        sink.0.lock().unwrap().len(),
+        2,
+        "both agents record into the sink"
+    );
+    config.sampling.top_p = 0.0;
+    assert!(agent.reconfigured(config).is_err());
 }

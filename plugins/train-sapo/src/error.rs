@@ -44,6 +44,9 @@ pub enum TrainError {
     /// An adapter on disk is malformed or does not fit the model.
     #[error("invalid adapter: {0}")]
     Adapter(String),
+    /// Training was stopped by its caller (an observer returned `false`).
+    #[error("training was cancelled")]
+    Cancelled,
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

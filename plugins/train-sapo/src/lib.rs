@@ -29,6 +29,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod error;
+mod fused;
 pub mod gguf;
 pub mod lora;
 pub mod loss;

@@ -137,6 +137,8 @@ impl TargetModule {
 
 /// Hyper-parameters of a LoRA adapter.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Config files name only the fields they change, and a misspelt field is an error.
+#[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
     /// Rank `r` of the update.
     pub rank: usize,

@@ -41,6 +41,8 @@ pub enum LossAggregation {
 
 /// Hyper-parameters of the policy loss.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Config files name only the fields they change, and a misspelt field is an error.
+#[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
     /// PPO clip range `eps`.
     pub clip_eps: f64,
@@ -68,6 +70,8 @@ impl Default for LossConfig {
 
 /// How rewards become advantages within each group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Config files name only the fields they change, and a misspelt field is an error.
+#[serde(default, deny_unknown_fields)]
 pub struct AdvantageConfig {
     /// Divide by the group's standard deviation (GRPO). `false` is Dr. GRPO (centre only).
     pub scale_by_std: bool,

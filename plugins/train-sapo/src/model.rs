@@ -197,31 +197,62 @@ impl Llama {
         attention_mask: Option<&Tensor>,
         adapter: Option<&LoraAdapter>,
     ) -> Result<TokenStats> {
-        let (_b, t) = ids.dims2()?;
+        self.token_logprobs_tempered(ids, attention_mask, adapter, None)
+    }
+
+    /// [`Llama::token_logprobs`] under a sampling temperature per sequence: the distribution at
+    /// each position is `softmax(logits / temperature)`, the one a sampler at that temperature
+    /// draws from, so its log-probs are comparable with the sampler's recorded ones. `None` (or
+    /// a temperature of 1) is the model's own distribution. Temperatures must be positive and
+    /// finite: a greedy (temperature 0) sample has no distribution to score.
+    pub fn token_logprobs_tempered(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        adapter: Option<&LoraAdapter>,
+        temperatures: Option<&[f64]>,
+    ) -> Result<TokenStats> {
+        let (b, t) = ids.dims2()?;
         if t < 2 {
             return Err(TrainError::InvalidInput(
                 "token_logprobs needs at least two tokens per sequence".to_string(),
             ));
         }
+        if let Some(temps) = temperatures {
+            if temps.len() != b {
+                return Err(TrainError::InvalidInput(format!(
+                    "{} temperatures for a batch of {b} sequences",
+                    temps.len()
+                )));
+            }
+            if let Some(bad) = temps.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+                return Err(TrainError::InvalidInput(format!(
+                    "temperature {bad} must be a positive finite number"
+                )));
+            }
+        }
         let h = self.hidden_states(ids, attention_mask, adapter)?;
         // The last position predicts nothing we can score, so its logits are never formed.
-        let logits = self.lm_head(&h.narrow(1, 0, t - 1)?)?;
-        let logits = if logits.dtype() == DType::F64 {
-            logits
-        } else {
-            logits.to_dtype(DType::F32)?
-        };
-        let logp = log_softmax_last(&logits)?;
-        let targets = ids
+        let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), self.config.hidden_size))?;
+        let targets: Vec<u32> = ids
             .to_dtype(DType::U32)?
             .narrow(1, 1, t - 1)?
-            .unsqueeze(2)?;
-        let logprobs = logp.gather(&targets.contiguous()?, 2)?.squeeze(2)?;
-        let logp_detached = logp.detach();
-        let entropy = (logp_detached.exp()? * &logp_detached)?
-            .sum(D::Minus1)?
-            .neg()?;
-        Ok(TokenStats { logprobs, entropy })
+            .flatten_all()?
+            .to_vec1::<u32>()?;
+        // Multiplying by the inverse (1 in the common case) keeps temperature 1 exact.
+        let inv_temp: Vec<f64> = (0..b)
+            .flat_map(|row| {
+                let temp = temperatures.map_or(1.0, |temps| temps[row]);
+                std::iter::repeat_n(1.0 / temp, t - 1)
+            })
+            .collect();
+        let (logprobs, entropy) =
+            crate::fused::head_logprobs(&h, &self.weights.output, &targets, &inv_temp)?;
+        let logprobs = logprobs.to_dtype(work_dtype(logprobs.dtype()))?;
+        Ok(TokenStats {
+            logprobs: logprobs.reshape((b, t - 1))?,
+            entropy: entropy.reshape((b, t - 1))?,
+        })
     }
 
     fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
@@ -322,23 +353,20 @@ impl Llama {
         // share a kv head (head h uses kv head h / rep, as in GGML) are stacked along the time
         // axis, so one batched matmul per kv head serves all of them.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-        let work_dtype = if scores.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let scores = scores
-            .to_dtype(work_dtype)?
-            .broadcast_add(&mask_bias.to_dtype(work_dtype)?)?;
-        let probs = softmax_last(&scores)?.to_dtype(v.dtype())?;
-        let out = probs
-            .reshape((b, nkv, rep * t, t))?
-            .matmul(&v)?
+        let out = crate::fused::attention(&q, &k, &v, mask_bias)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         linear(&out, &layer.o, adapter, layer_idx, TargetModule::OProj)
+    }
+}
+
+/// f64 stays f64; every other float type is scored in f32.
+fn work_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

@@ -36,6 +36,14 @@ pub struct TrainSequence {
     pub reward: f64,
     /// Sequences sampled from the same prompt share a group id; advantages are relative to it.
     pub group_id: String,
+    /// The temperature the behaviour policy sampled at: the trainer scores tokens under
+    /// `softmax(logits / temperature)`, the distribution `behaviour_logprobs` come from.
+    #[serde(default = "unit_temperature")]
+    pub temperature: f64,
+}
+
+fn unit_temperature() -> f64 {
+    1.0
 }
 
 /// Where `logp_old`, the behaviour policy's log-probs, comes from.
@@ -52,6 +60,8 @@ pub enum OldLogprobSource {
 
 /// Hyper-parameters of a training call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+// Config files name only the fields they change, and a misspelt field is an error.
+#[serde(default, deny_unknown_fields)]
 pub struct TrainerConfig {
     /// Peak learning rate.
     pub learning_rate: f64,
@@ -140,9 +150,13 @@ pub struct TrainReport {
     pub reward_std: f64,
     /// Mean number of trained tokens per given sequence.
     pub response_len_mean: f64,
-    /// Mean |behaviour − recomputed| log-prob over trained tokens (with
-    /// [`OldLogprobSource::Recompute`]): the sampler/trainer numerics gap.
+    /// Mean |behaviour − trainer| log-prob over trained tokens: the sampler/trainer numerics
+    /// gap. With [`OldLogprobSource::Recompute`] it covers every trained sequence; with
+    /// [`OldLogprobSource::Behaviour`] it is measured for free on the first mini-batch, whose
+    /// forward pass runs before any update. `None` when nothing was trained.
     pub logprob_gap: Option<f64>,
+    /// Largest |behaviour − trainer| log-prob over the same tokens as `logprob_gap`.
+    pub logprob_gap_max: Option<f64>,
 }
 
 /// A trainer holding the frozen base model, the LoRA adapter and AdamW's state.
@@ -172,6 +186,7 @@ struct Prepared {
     old: Vec<f32>,
     reference: Option<Vec<f32>>,
     advantage: f64,
+    temperature: f64,
 }
 
 impl Trainer {
@@ -237,6 +252,24 @@ impl Trainer {
     /// Trains on one batch of rewarded sequences: `ppo_epochs` passes of shuffled mini-batches,
     /// one optimizer step each.
     pub fn train(&mut self, batch: &[TrainSequence]) -> Result<TrainReport> {
+        self.train_with(batch, &mut |_| true)
+    }
+
+    /// The optimizer steps [`Trainer::train`] will take on `batch`, for progress reporting.
+    /// Sequences of zero-std groups count as trained here; with skipping on, fewer steps may
+    /// run.
+    pub fn planned_steps(&self, batch: &[TrainSequence]) -> usize {
+        self.config.ppo_epochs * batch.len().div_ceil(self.config.mini_batch_size)
+    }
+
+    /// [`Trainer::train`], calling `observer` after every optimizer step. When the observer
+    /// returns `false` training stops with [`TrainError::Cancelled`]; the adapter then holds
+    /// the updates made so far and should be discarded.
+    pub fn train_with(
+        &mut self,
+        batch: &[TrainSequence],
+        observer: &mut dyn FnMut(&StepMetrics) -> bool,
+    ) -> Result<TrainReport> {
         let vocab = self.model.config().vocab_size;
         for (i, s) in batch.iter().enumerate() {
             validate(i, s, vocab)?;
@@ -268,13 +301,14 @@ impl Trainer {
                 old: s.behaviour_logprobs[1..].to_vec(),
                 reference: None,
                 advantage: a,
+                temperature: s.temperature,
             })
             .collect();
 
-        let mut logprob_gap = None;
-        if self.config.old_logprobs == OldLogprobSource::Recompute && !prepared.is_empty() {
+        let mut gap = GapStats::default();
+        let recompute = self.config.old_logprobs == OldLogprobSource::Recompute;
+        if recompute && !prepared.is_empty() {
             self.adapter.set_training(false);
-            let (mut diff, mut count) = (0.0, 0usize);
             for chunk in (0..prepared.len())
                 .collect::<Vec<_>>()
                 .chunks(self.config.micro_batch_size)
@@ -282,17 +316,9 @@ impl Trainer {
                 let lps = self.logprobs_no_grad(&prepared, chunk, true)?;
                 for (&i, lp) in chunk.iter().zip(lps) {
                     let p = &mut prepared[i];
-                    for ((&m, &old), &new) in p.mask.iter().zip(&p.old).zip(&lp) {
-                        if m {
-                            diff += f64::from((old - new).abs());
-                            count += 1;
-                        }
-                    }
+                    gap.add(&p.mask, &p.old, &lp);
                     p.old = lp;
                 }
-            }
-            if count > 0 {
-                logprob_gap = Some(diff / count as f64);
             }
         }
         if self.config.loss.kl_beta != 0.0 && !prepared.is_empty() {
@@ -314,8 +340,15 @@ impl Trainer {
                 let mut order: Vec<usize> = (0..prepared.len()).collect();
                 order.shuffle(&mut self.rng);
                 for mini in order.chunks(self.config.mini_batch_size) {
-                    if let Some(m) = self.optimizer_step(&prepared, mini, epoch)? {
+                    // Before the first update the trainer's log-probs are those of the policy
+                    // that (ideally) sampled the batch, so this forward pass measures the gap.
+                    let measure = (!recompute && steps.is_empty()).then_some(&mut gap);
+                    if let Some(m) = self.optimizer_step(&prepared, mini, epoch, measure)? {
+                        let go_on = observer(&m);
                         steps.push(m);
+                        if !go_on {
+                            return Err(TrainError::Cancelled);
+                        }
                     }
                 }
             }
@@ -333,7 +366,8 @@ impl Trainer {
             reward_mean,
             reward_std,
             response_len_mean,
-            logprob_gap,
+            logprob_gap: gap.mean(),
+            logprob_gap_max: gap.max(),
         })
     }
 
@@ -343,6 +377,7 @@ impl Trainer {
         data: &[Prepared],
         mini: &[usize],
         epoch: usize,
+        mut gap: Option<&mut GapStats>,
     ) -> Result<Option<StepMetrics>> {
         let masks: Vec<&[bool]> = mini.iter().map(|&i| data[i].mask.as_slice()).collect();
         let advs: Vec<f64> = mini.iter().map(|&i| data[i].advantage).collect();
@@ -356,12 +391,19 @@ impl Trainer {
         let mut metrics: Option<LossMetrics> = None;
         for micro in mini.chunks(self.config.micro_batch_size) {
             let batch = self.collate(data, micro)?;
-            let stats = self.model.token_logprobs(
+            let stats = self.model.token_logprobs_tempered(
                 &batch.ids,
                 Some(&batch.attention),
                 Some(&self.adapter),
+                Some(&batch.temperatures),
             )?;
             let logp = stats.logprobs;
+            if let Some(gap) = gap.as_deref_mut() {
+                let rows = logp.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                for (&i, row) in micro.iter().zip(rows) {
+                    gap.add(&data[i].mask, &data[i].old, &row);
+                }
+            }
             let inputs = PolicyLossInputs {
                 logp: &logp,
                 logp_old: &batch.old.to_dtype(logp.dtype())?,
@@ -445,9 +487,12 @@ impl Trainer {
         } else {
             None
         };
-        let stats = self
-            .model
-            .token_logprobs(&batch.ids, Some(&batch.attention), adapter)?;
+        let stats = self.model.token_logprobs_tempered(
+            &batch.ids,
+            Some(&batch.attention),
+            adapter,
+            Some(&batch.temperatures),
+        )?;
         let rows = stats
             .logprobs
             .detach()
@@ -475,6 +520,7 @@ impl Trainer {
         let mut reference = vec![0f32; b * (t - 1)];
         let mut has_reference = true;
         let mut advantages = Vec::with_capacity(b);
+        let mut temperatures = Vec::with_capacity(b);
         for (row, &i) in idx.iter().enumerate() {
             let p = &data[i];
             for (j, &tok) in p.tokens.iter().enumerate() {
@@ -497,6 +543,7 @@ impl Trainer {
                 None => has_reference = false,
             }
             advantages.push(p.advantage);
+            temperatures.push(p.temperature);
         }
         Ok(Collated {
             ids: Tensor::from_vec(ids, (b, t), device)?,
@@ -509,7 +556,37 @@ impl Trainer {
                 None
             },
             advantages: Tensor::from_vec(advantages, b, device)?,
+            temperatures,
         })
+    }
+}
+
+/// Running |behaviour − trainer| log-prob differences over trained tokens.
+#[derive(Default)]
+struct GapStats {
+    sum: f64,
+    max: f64,
+    count: usize,
+}
+
+impl GapStats {
+    fn add(&mut self, mask: &[bool], behaviour: &[f32], trainer: &[f32]) {
+        for ((&m, &old), &new) in mask.iter().zip(behaviour).zip(trainer) {
+            if m {
+                let d = f64::from((old - new).abs());
+                self.sum += d;
+                self.max = self.max.max(d);
+                self.count += 1;
+            }
+        }
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    fn max(&self) -> Option<f64> {
+        (self.count > 0).then_some(self.max)
     }
 }
 
@@ -520,6 +597,7 @@ struct Collated {
     old: Tensor,
     reference: Option<Tensor>,
     advantages: Tensor,
+    temperatures: Vec<f64>,
 }
 
 fn validate(i: usize, s: &TrainSequence, vocab: usize) -> Result<()> {
@@ -534,6 +612,13 @@ fn validate(i: usize, s: &TrainSequence, vocab: usize) -> Result<()> {
             "sequence {i}: {n} tokens, {} mask flags, {} log-probs",
             s.loss_mask.len(),
             s.behaviour_logprobs.len()
+        )));
+    }
+    if !(s.temperature.is_finite() && s.temperature > 0.0) {
+        return Err(TrainError::InvalidInput(format!(
+            "sequence {i}: temperature {} must be a positive finite number (greedy samples \
+             have no distribution to train on)",
+            s.temperature
         )));
     }
     if let Some(t) = s.tokens.iter().find(|&&t| t as usize >= vocab) {
@@ -613,10 +698,21 @@ mod tests {
         groups: usize,
         rng: &mut ChaCha8Rng,
     ) -> Vec<TrainSequence> {
+        rollouts_at(t, target, groups, 1.0, rng)
+    }
+
+    /// [`rollouts`] sampled at `temperature`.
+    fn rollouts_at(
+        t: &Trainer,
+        target: u32,
+        groups: usize,
+        temperature: f64,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<TrainSequence> {
         let params = SampleParams {
             n: 8,
             max_new_tokens: 1,
-            temperature: 1.0,
+            temperature,
             stop: None,
         };
         let mut out = Vec::new();
@@ -629,6 +725,7 @@ mod tests {
                     tokens: s.tokens,
                     reward: if hit { 1.0 } else { 0.0 },
                     group_id: format!("g{g}"),
+                    temperature: params.temperature,
                 });
             }
         }
@@ -777,6 +874,68 @@ mod tests {
     }
 
     #[test]
+    fn tempered_scoring_matches_a_tempered_sampler_and_the_gap_is_always_measured() {
+        for (source, temperature) in [
+            (OldLogprobSource::Recompute, 0.3),
+            (OldLogprobSource::Behaviour, 0.3),
+            (OldLogprobSource::Behaviour, 1.7),
+        ] {
+            let cfg = TrainerConfig {
+                old_logprobs: source,
+                ..toy_config_trainer()
+            };
+            let mut t = toy_trainer(3, cfg);
+            let mut rng = ChaCha8Rng::seed_from_u64(11);
+            let mut batch = rollouts_at(&t, 4, 2, temperature, &mut rng);
+            batch[0].reward = 1.0;
+            batch[9].reward = 1.0;
+            let report = t.train(&batch).unwrap();
+            let (gap, max) = (report.logprob_gap.unwrap(), report.logprob_gap_max.unwrap());
+            assert!(
+                max < 1e-5 && gap <= max,
+                "{source:?} T={temperature}: {gap} {max}"
+            );
+            // The first step runs before any update, so its ratios are exactly 1.
+            assert!((report.steps[0].loss.ratio_mean - 1.0).abs() < 1e-5);
+        }
+        // Scored at the wrong temperature the same tokens are far off: the check can fail.
+        let mut t = toy_trainer(3, toy_config_trainer());
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut batch = rollouts_at(&t, 4, 2, 0.3, &mut rng);
+        batch[0].reward = 1.0;
+        for s in &mut batch {
+            s.temperature = 1.0;
+        }
+        let report = t.train(&batch).unwrap();
+        assert!(report.logprob_gap_max.unwrap() > 0.05, "{report:?}");
+    }
+
+    #[test]
+    fn an_observer_sees_every_step_and_can_cancel() {
+        let mut t = toy_trainer(1, toy_config_trainer());
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut batch = rollouts(&t, 4, 8, &mut rng);
+        batch[0].reward = 1.0;
+        let planned = t.planned_steps(&batch);
+        let mut seen = Vec::new();
+        let report = t
+            .train_with(&batch, &mut |m| {
+                seen.push(m.step);
+                true
+            })
+            .unwrap();
+        assert_eq!(seen.len(), report.steps.len());
+        assert!(report.steps.len() <= planned && !seen.is_empty());
+        let mut calls = 0;
+        let stopped = t.train_with(&batch, &mut |_| {
+            calls += 1;
+            false
+        });
+        assert!(matches!(stopped, Err(TrainError::Cancelled)));
+        assert_eq!(calls, 1);
+    }
+
+    #[test]
     fn malformed_sequences_are_rejected() {
         let mut t = toy_trainer(1, toy_config_trainer());
         let good = TrainSequence {
@@ -785,6 +944,7 @@ mod tests {
             behaviour_logprobs: vec![0.0, -1.0, -2.0],
             reward: 1.0,
             group_id: "g".to_string(),
+            temperature: 1.0,
         };
         let short_mask = TrainSequence {
             loss_mask: vec![false, true],
@@ -798,7 +958,11 @@ mod tests {
             behaviour_logprobs: vec![0.0, f32::NAN, -2.0],
             ..good.clone()
         };
-        for bad in [short_mask, bad_token, bad_logprob] {
+        let greedy = TrainSequence {
+            temperature: 0.0,
+            ..good.clone()
+        };
+        for bad in [short_mask, bad_token, bad_logprob, greedy] {
             assert!(matches!(
                 t.train(&[good.clone(), bad]),
                 Err(TrainError::InvalidInput(_))

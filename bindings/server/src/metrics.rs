@@ -1,0 +1,485 @@
+//! The server's Prometheus metrics: request counts and latency histograms per route and status,
+//! episode outcomes, tool calls and their errors, generated tokens, feedback, and the store's
+//! counts read at scrape time. Rendered in the Prometheus text format (version 0.0.4).
+//!
+//! The registry is a handful of counters behind one mutex: a request touches it once, for
+//! microseconds, so it never contends at the request rates a CPU-served model reaches, and the
+//! crate needs no metrics framework.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use searchloop_core::{EpisodeEnd, SegmentKind, Trajectory};
+use searchloop_store_sql::{FeedbackOutcome, SourceCount, StoreStats};
+
+/// Upper bounds (seconds) of the latency histogram buckets: from a health check (~1 ms) to a
+/// long real-model episode under load (~1 min).
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The labels of one request series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RequestKey {
+    route: String,
+    method: String,
+    status: u16,
+}
+
+/// A latency histogram: per-bucket counts (not cumulative), the count and the sum.
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|le| seconds <= *le) {
+            self.buckets[i] += 1;
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// Tool calls of one tool.
+#[derive(Debug, Clone, Copy, Default)]
+struct ToolCounts {
+    calls: u64,
+    errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: BTreeMap<RequestKey, Histogram>,
+    episodes: BTreeMap<&'static str, u64>,
+    episode_failures: u64,
+    tools: BTreeMap<String, ToolCounts>,
+    tokens_generated: u64,
+    feedback: BTreeMap<&'static str, u64>,
+}
+
+/// What the store held at scrape time, or why it could not be read.
+#[derive(Debug)]
+pub enum StoreSnapshot {
+    /// The store answered.
+    Read {
+        /// Its counts.
+        stats: StoreStats,
+        /// Its ledger entries per reward source.
+        by_source: Vec<SourceCount>,
+    },
+    /// The store failed; the scrape still reports the in-process metrics.
+    Unavailable,
+}
+
+/// The server's metrics registry.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counters: Mutex<Counters>,
+    in_flight: AtomicU64,
+}
+
+impl Metrics {
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        // A panic while holding the lock can at worst leave one counter short; the counts are
+        // still worth serving, so a poisoned lock is used as it is.
+        self.counters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A request began.
+    pub fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A request ended with `status` after `elapsed`. `route` is the route template (never the
+    /// raw path, so ids do not become series).
+    pub fn request_finished(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        let key = RequestKey {
+            route: route.to_string(),
+            method: method.to_string(),
+            status,
+        };
+        self.counters()
+            .requests
+            .entry(key)
+            .or_default()
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Requests being answered now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Counts a finished episode: its end, its tool calls and the tokens the model generated.
+    pub fn episode_finished(&self, trajectory: &Trajectory) {
+        let generated: u64 = trajectory
+            .segments
+            .iter()
+            .filter(|s| s.kind == SegmentKind::Model)
+            .map(|s| u64::from(s.end - s.start))
+            .sum();
+        let mut counters = self.counters();
+        *counters
+            .episodes
+            .entry(end_label(trajectory.end))
+            .or_default() += 1;
+        counters.tokens_generated += generated;
+        for call in &trajectory.tool_calls {
+            let tool = counters.tools.entry(call.tool.clone()).or_default();
+            tool.calls += 1;
+            tool.errors += u64::from(!call.ok);
+        }
+    }
+
+    /// Counts an episode that failed (model or store error).
+    pub fn episode_failed(&self) {
+        self.counters().episode_failures += 1;
+    }
+
+    /// Counts accepted feedback.
+    pub fn feedback(&self, outcome: FeedbackOutcome) {
+        let label = match outcome {
+            FeedbackOutcome::Recorded => "recorded",
+            FeedbackOutcome::Duplicate => "duplicate",
+        };
+        *self.counters().feedback.entry(label).or_default() += 1;
+    }
+
+    /// The metrics in the Prometheus text format, with the served model's identity and the
+    /// store's counts.
+    pub fn render(
+        &self,
+        model_id: &str,
+        adapter_version: Option<u64>,
+        store: &StoreSnapshot,
+    ) -> String {
+        let mut out = String::new();
+        let c = self.counters();
+
+        header(
+            &mut out,
+            "searchloop_http_requests_total",
+            "counter",
+            "HTTP requests answered, by route template, method and status.",
+        );
+        for (k, h) in &c.requests {
+            let labels = request_labels(k);
+            let _ = writeln!(
+                out,
+                "searchloop_http_requests_total{{{labels}}} {}",
+                h.count
+            );
+        }
+        header(
+            &mut out,
+            "searchloop_http_request_duration_seconds",
+            "histogram",
+            "Time to answer an HTTP request, by route template, method and status.",
+        );
+        for (k, h) in &c.requests {
+            let labels = request_labels(k);
+            let mut cumulative = 0;
+            for (le, n) in LATENCY_BUCKETS.iter().zip(h.buckets) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "searchloop_http_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "searchloop_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "searchloop_http_request_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "searchloop_http_request_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
+        }
+        header(
+            &mut out,
+            "searchloop_http_requests_in_flight",
+            "gauge",
+            "HTTP requests being answered.",
+        );
+        let _ = writeln!(
+            out,
+            "searchloop_http_requests_in_flight {}",
+            self.in_flight()
+        );
+
+        header(
+            &mut out,
+            "searchloop_episodes_total",
+            "counter",
+            "Episodes run by this server, by how they ended.",
+        );
+        for end in [
+            EpisodeEnd::Answered,
+            EpisodeEnd::NoAnswer,
+            EpisodeEnd::TokenLimit,
+        ] {
+            let label = end_label(end);
+            let n = c.episodes.get(label).copied().unwrap_or(0);
+            let _ = writeln!(out, "searchloop_episodes_total{{end=\"{label}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "searchloop_episode_failures_total",
+            "counter",
+            "Episodes that failed with a model or store error.",
+        );
+        let _ = writeln!(
+            out,
+            "searchloop_episode_failures_total {}",
+            c.episode_failures
+        );
+        header(
+            &mut out,
+            "searchloop_tool_calls_total",
+            "counter",
+            "Tool calls made by episodes of this server, by tool.",
+        );
+        for (tool, n) in &c.tools {
+            let _ = writeln!(
+                out,
+                "searchloop_tool_calls_total{{tool=\"{}\"}} {}",
+                escape(tool),
+                n.calls
+            );
+        }
+        header(
+            &mut out,
+            "searchloop_tool_call_errors_total",
+            "counter",
+            "Tool calls that failed (the error became the observation), by tool.",
+        );
+        for (tool, n) in &c.tools {
+            let _ = writeln!(
+                out,
+                "searchloop_tool_call_errors_total{{tool=\"{}\"}} {}",
+                escape(tool),
+                n.errors
+            );
+        }
+        header(
+            &mut out,
+            "searchloop_tokens_generated_total",
+            "counter",
+            "Tokens sampled by the model in episodes of this server.",
+        );
+        let _ = writeln!(
+            out,
+            "searchloop_tokens_generated_total {}",
+            c.tokens_generated
+        );
+        header(
+            &mut out,
+            "searchloop_feedback_total",
+            "counter",
+            "Feedback accepted, by outcome.",
+        );
+        for label in ["recorded", "duplicate"] {
+            let n = c.feedback.get(label).copied().unwrap_or(0);
+            let _ = writeln!(out, "searchloop_feedback_total{{outcome=\"{label}\"}} {n}");
+        }
+        drop(c);
+
+        header(
+            &mut out,
+            "searchloop_serving_info",
+            "gauge",
+            "The served model and adapter (always 1).",
+        );
+        let _ = writeln!(
+            out,
+            "searchloop_serving_info{{model_id=\"{}\",adapter_version=\"{}\"}} 1",
+            escape(model_id),
+            version_label(adapter_version)
+        );
+        render_store(&mut out, store);
+        out
+    }
+}
+
+fn render_store(out: &mut String, store: &StoreSnapshot) {
+    header(
+        out,
+        "searchloop_store_up",
+        "gauge",
+        "1 when the store answered this scrape, else 0.",
+    );
+    let StoreSnapshot::Read { stats, by_source } = store else {
+        let _ = writeln!(out, "searchloop_store_up 0");
+        return;
+    };
+    let _ = writeln!(out, "searchloop_store_up 1");
+    let gauges = [
+        (
+            "searchloop_store_trajectories",
+            "Trajectories stored.",
+            stats.trajectories,
+        ),
+        (
+            "searchloop_store_rewarded_trajectories",
+            "Trajectories with at least one reward.",
+            stats.rewarded_trajectories,
+        ),
+        ("searchloop_store_groups", "Training groups.", stats.groups),
+        (
+            "searchloop_store_reward_entries",
+            "Reward ledger entries.",
+            stats.reward_entries,
+        ),
+        (
+            "searchloop_store_feedback_entries",
+            "Ledger entries delivered as host feedback.",
+            stats.feedback_entries,
+        ),
+        (
+            "searchloop_store_adapters",
+            "Registered adapters.",
+            stats.adapters,
+        ),
+        (
+            "searchloop_store_size_bytes",
+            "Bytes the store occupies.",
+            stats.size_bytes,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        header(out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+    header(
+        out,
+        "searchloop_store_trajectories_by_adapter",
+        "gauge",
+        "Trajectories per adapter version that served them (base = no adapter).",
+    );
+    for v in &stats.by_adapter_version {
+        let _ = writeln!(
+            out,
+            "searchloop_store_trajectories_by_adapter{{adapter_version=\"{}\"}} {}",
+            version_label(v.adapter_version),
+            v.trajectories
+        );
+    }
+    header(
+        out,
+        "searchloop_store_reward_entries_by_source",
+        "gauge",
+        "Reward ledger entries per source.",
+    );
+    for s in by_source {
+        let _ = writeln!(
+            out,
+            "searchloop_store_reward_entries_by_source{{source=\"{}\"}} {}",
+            escape(&s.source),
+            s.entries
+        );
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn request_labels(k: &RequestKey) -> String {
+    format!(
+        "route=\"{}\",method=\"{}\",status=\"{}\"",
+        escape(&k.route),
+        escape(&k.method),
+        k.status
+    )
+}
+
+fn end_label(end: EpisodeEnd) -> &'static str {
+    match end {
+        EpisodeEnd::Answered => "answered",
+        EpisodeEnd::NoAnswer => "no_answer",
+        EpisodeEnd::TokenLimit => "token_limit",
+    }
+}
+
+fn version_label(version: Option<u64>) -> String {
+    version.map_or_else(|| "base".to_string(), |v| v.to_string())
+}
+
+/// Escapes a label value as the text format requires (backslash, double quote, newline).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_cumulative_and_consistent() {
+        let metrics = Metrics::default();
+        for ms in [0.5, 3.0, 3.0, 700.0, 90_000.0] {
+            metrics.request_started();
+            metrics.request_finished("/v1/ask", "POST", 200, Duration::from_secs_f64(ms / 1e3));
+        }
+        let text = metrics.render("m\"1", None, &StoreSnapshot::Unavailable);
+        let series = "route=\"/v1/ask\",method=\"POST\",status=\"200\"";
+        assert!(
+            text.contains(&format!("searchloop_http_requests_total{{{series}}} 5")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("_bucket{{{series},le=\"0.001\"}} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("_bucket{{{series},le=\"0.005\"}} 3")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("_bucket{{{series},le=\"60\"}} 4")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("_bucket{{{series},le=\"+Inf\"}} 5")),
+            "{text}"
+        );
+        assert!(
+            text.contains("searchloop_http_requests_in_flight 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("model_id=\"m\\\"1\",adapter_version=\"base\""),
+            "{text}"
+        );
+        assert!(text.contains("searchloop_store_up 0"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,272 @@
+//! Gathering a round's GRPO groups: replay groups sampled now through the serving agent, and
+//! logged episodes with host feedback read from the store.
+
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use futures::StreamExt;
+use searchloop_core::{
+    Agent, AgentConfig, EpisodeRequest, RewardPolicy, SamplingParams, Trajectory,
+};
+use searchloop_store_sql::{Cursor, GroupQuery, Store};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    batch::{BatchBuilder, Origin, SequenceLimits, has_host_feedback},
+    config::RoundConfig,
+    error::{LearnError, Result},
+    prompts::TrainPrompt,
+};
+
+/// What sampling the replay groups produced.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct ReplayStats {
+    /// Episodes sampled.
+    pub episodes: usize,
+    /// Tokens the model generated in them.
+    pub generated_tokens: usize,
+    /// Wall time of the sampling.
+    pub seconds: f64,
+}
+
+/// The agent replay episodes run through: the serving agent's tools, protocol, rewards and
+/// sink, sampling at the round's temperature over the whole distribution (no top-p or top-k,
+/// whose truncated log-probs the trainer could not reproduce).
+pub(crate) fn replay_agent(serving: &Agent, config: &RoundConfig) -> Result<Agent> {
+    let served = &serving.config().sampling;
+    let temperature = config.rollout_temperature.unwrap_or(served.temperature);
+    if temperature <= 0.0 {
+        return Err(LearnError::Config(
+            "the serving agent samples greedily (temperature 0), which gives no distribution to \
+             train: set rollout_temperature"
+                .into(),
+        ));
+    }
+    let agent_config = AgentConfig {
+        sampling: SamplingParams {
+            temperature,
+            top_p: 1.0,
+            top_k: 0,
+            ..served.clone()
+        },
+        ..serving.config().clone()
+    };
+    Ok(serving.reconfigured(agent_config)?)
+}
+
+/// The seed of prompt `k` of round `round`: distinct per round and prompt, reproducible.
+fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(round.to_le_bytes());
+    h.update((k as u64).to_le_bytes());
+    let digest = h.finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    // Episode seeds are `seed + 1000 * i`; keeping the top bits clear avoids wrapping.
+    u64::from_le_bytes(bytes) >> 8
+}
+
+/// Samples one group of `config.group_size` episodes per prompt and adds them to `batch`.
+/// Checks `cancel` between groups and reports progress after each.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn replay_groups(
+    agent: &Agent,
+    prompts: &[TrainPrompt],
+    config: &RoundConfig,
+    round: u64,
+    reward_policy: &RewardPolicy,
+    limits: SequenceLimits,
+    batch: &mut BatchBuilder,
+    cancel: &AtomicBool,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<ReplayStats> {
+    let started = std::time::Instant::now();
+    let mut stats = ReplayStats::default();
+    let total = prompts.len() * config.group_size;
+    for (k, prompt) in prompts.iter().enumerate() {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(LearnError::Cancelled);
+        }
+        let request = EpisodeRequest {
+            question: prompt.question.clone(),
+            task: Some(prompt.task_info()),
+            group_id: None,
+            seed: Some(replay_seed(config.seed, round, k)),
+        };
+        let group = agent.run_group(request, config.group_size).await?;
+        for t in &group {
+            stats.episodes += 1;
+            stats.generated_tokens += t.loss_mask().iter().filter(|&&m| m).count();
+            let Some(reward) = reward_policy.combine(&t.rewards) else {
+                continue;
+            };
+            let group_id = t.group_id.clone().unwrap_or_default();
+            batch.push(t, reward, &group_id, Origin::Replay, limits);
+        }
+        progress(stats.episodes, total);
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// Adds the logged episodes with host feedback whose ledgers changed after `since` (at most
+/// `config.max_feedback_episodes`, the newest) to `batch`, and returns where the next round
+/// should resume.
+///
+/// Episodes of one group id stay together when at least two of them carry feedback. The rest
+/// are grouped by their exact prompt where it repeats; an episode whose prompt is unique
+/// joins the other unique ones of its task kind, so its advantage is taken against the mean
+/// reward of that kind in this batch (the baseline a single episode can be given).
+pub(crate) async fn feedback_groups(
+    store: &Store,
+    since: Cursor,
+    config: &RoundConfig,
+    limits: SequenceLimits,
+    batch: &mut BatchBuilder,
+    cancel: &AtomicBool,
+) -> Result<Cursor> {
+    let mut stream = store
+        .rewarded_groups(GroupQuery {
+            since,
+            min_group_size: 1,
+            ..GroupQuery::default()
+        })
+        .await?;
+    let mut members: Vec<(Trajectory, f64)> = Vec::new();
+    while let Some(group) = stream.next().await {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(LearnError::Cancelled);
+        }
+        for m in group?.members {
+            if has_host_feedback(&m.trajectory) {
+                members.push((m.trajectory, m.reward));
+            }
+        }
+    }
+    let next = stream.next_cursor();
+    // Newest first, then keep the budget; ids are UUIDv7, so they break ties in time order.
+    members.sort_by(|a, b| (b.0.created_at, &b.0.id).cmp(&(a.0.created_at, &a.0.id)));
+    members.truncate(config.max_feedback_episodes);
+    for (t, reward, group) in assign_feedback_groups(&members) {
+        batch.push(t, reward, &group, Origin::Feedback, limits);
+    }
+    Ok(next)
+}
+
+/// The group each feedback episode trains in (see [`feedback_groups`]).
+fn assign_feedback_groups(members: &[(Trajectory, f64)]) -> Vec<(&Trajectory, f64, String)> {
+    let mut by_group: HashMap<&str, usize> = HashMap::new();
+    for (t, _) in members {
+        if let Some(g) = t.group_id.as_deref() {
+            *by_group.entry(g).or_default() += 1;
+        }
+    }
+    let mut by_prompt: HashMap<&str, usize> = HashMap::new();
+    for (t, _) in members {
+        if t.group_id.as_deref().is_none_or(|g| by_group[g] < 2) {
+            *by_prompt.entry(t.prompt_text.as_str()).or_default() += 1;
+        }
+    }
+    members
+        .iter()
+        .map(|(t, reward)| {
+            let group = match t.group_id.as_deref() {
+                Some(g) if by_group[g] >= 2 => format!("feedback:group:{g}"),
+                _ if by_prompt[t.prompt_text.as_str()] >= 2 => {
+                    format!("feedback:prompt:{}", short_hash(&t.prompt_text))
+                }
+                _ => format!(
+                    "feedback:kind:{}",
+                    t.task.as_ref().map_or("", |task| task.kind.as_str())
+                ),
+            };
+            (t, *reward, group)
+        })
+        .collect()
+}
+
+fn short_hash(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+    use searchloop_core::{EpisodeEnd, Split, TaskInfo, Timing, trajectory::SequenceBuilder};
+
+    use super::*;
+
+    fn episode(id: &str, group: Option<&str>, prompt: &str, kind: &str) -> Trajectory {
+        let mut b = SequenceBuilder::new(vec![1, 2]);
+        b.push_model(&[3], &[-0.5]);
+        let (tokens, segments, logprobs) = b.finish();
+        Trajectory {
+            id: id.into(),
+            created_at: Utc::now(),
+            question: prompt.into(),
+            prompt_text: prompt.into(),
+            response_text: String::new(),
+            task: Some(TaskInfo {
+                task_id: id.into(),
+                gold_answers: vec![],
+                split: Split::Train,
+                kind: kind.into(),
+            }),
+            tokens,
+            segments,
+            logprobs,
+            tool_calls: vec![],
+            answer: None,
+            end: EpisodeEnd::Answered,
+            turns: 1,
+            model_id: "m".into(),
+            adapter_version: None,
+            sampling: SamplingParams::default(),
+            group_id: group.map(str::to_string),
+            timing: Timing::default(),
+            rewards: vec![],
+        }
+    }
+
+    #[test]
+    fn feedback_episodes_group_by_group_then_prompt_then_kind() {
+        let members: Vec<(Trajectory, f64)> = [
+            episode("a1", Some("g1"), "p1", "single_hop"),
+            episode("a2", Some("g1"), "p9", "single_hop"),
+            episode("b1", Some("g2"), "p2", "inventory"),
+            episode("c1", None, "p2", "inventory"),
+            episode("d1", None, "p3", "inventory"),
+            episode("e1", None, "p4", "inventory"),
+            episode("f1", None, "p5", "single_hop"),
+        ]
+        .into_iter()
+        .map(|t| (t, 1.0))
+        .collect();
+        let groups: Vec<String> = assign_feedback_groups(&members)
+            .into_iter()
+            .map(|(_, _, g)| g)
+            .collect();
+        assert_eq!(groups[0], "feedback:group:g1");
+        assert_eq!(groups[1], "feedback:group:g1");
+        // g2 has one feedback member, so it joins the other episode of its prompt.
+        assert!(groups[2].starts_with("feedback:prompt:"));
+        assert_eq!(groups[2], groups[3]);
+        assert_eq!(groups[4], "feedback:kind:inventory");
+        assert_eq!(groups[5], "feedback:kind:inventory");
+        assert_eq!(groups[6], "feedback:kind:single_hop");
+    }
+
+    #[test]
+    fn replay_seeds_differ_per_round_and_prompt_and_leave_room() {
+        let a = replay_seed(1, 0, 0);
+        assert_eq!(a, replay_seed(1, 0, 0));
+        assert_ne!(a, replay_seed(1, 1, 0));
+        assert_ne!(a, replay_seed(1, 0, 1));
+        assert_ne!(a, replay_seed(2, 0, 0));
+        assert!(a.checked_add(1000 * 64).is_some());
+    }
+}

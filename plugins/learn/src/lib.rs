@@ -1,0 +1,67 @@
+//! Training rounds for searchloop: from rewarded trajectories to a registered LoRA candidate,
+//! and the held-out evaluation that judges it.
+//!
+//! A round ([`run_round`]) gathers GRPO groups from two sources ([`GroupSource`]):
+//!
+//! - **replay**: `group_size` fresh episodes for each of `prompts_per_round` train-split
+//!   questions, sampled through the serving agent (so they are logged like any episode) and
+//!   rewarded by exact match, F1 and format;
+//! - **feedback**: logged episodes whose reward ledger holds host feedback, read from the store
+//!   from where the parent adapter's round stopped.
+//!
+//! Each episode becomes a [`searchloop_train_sapo::TrainSequence`] ([`batch`]): its exact token
+//! ids, a loss mask over the model's own tokens, the behaviour log-probs and the temperature
+//! they were sampled at (the trainer scores under the same temperature), its training reward
+//! under the store's reward policy, and its group. The trainer (GRPO + SAPO, AdamW, PPO epochs)
+//! runs on a blocking thread inside its own rayon pool of `threads` cores. The candidate is
+//! written as a PEFT adapter, a merged GGUF ([`MERGED_FILE`]) and a metrics file
+//! ([`METRICS_FILE`], one JSON line per optimizer step), published atomically as
+//! `adapters_dir/v<N>/`, and registered as a candidate.
+//!
+//! [`evaluate`] scores an agent on held-out items by exact match and F1 with fixed seeds;
+//! [`plot::plot_metrics`] draws a metrics file's curves.
+//!
+//! ```no_run
+//! # async fn demo(agent: &searchloop_core::Agent, store: &searchloop_store_sql::Store)
+//! #     -> searchloop_learn::Result<()> {
+//! use std::{path::Path, sync::atomic::AtomicBool};
+//! use searchloop_learn::{RoundConfig, RoundContext, run_round};
+//!
+//! let cancel = AtomicBool::new(false);
+//! let ctx = RoundContext {
+//!     agent,
+//!     store,
+//!     base_gguf: Path::new("SmolLM2-135M-Instruct.Q4_1.gguf"),
+//!     parent: None,
+//!     parent_adapter_dir: None,
+//!     adapters_dir: Path::new("adapters"),
+//!     cancel: &cancel,
+//! };
+//! let out = run_round(&ctx, &RoundConfig::default()).await?;
+//! println!("candidate v{} at {}", out.candidate.version, out.merged_gguf.display());
+//! # Ok(()) }
+//! ```
+
+// Tests may unwrap: a panic with the error is the clearest failure report there.
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod batch;
+pub mod config;
+pub mod error;
+pub mod eval;
+mod groups;
+pub mod metrics;
+pub mod plot;
+pub mod prompts;
+pub mod round;
+
+pub use batch::{BatchStats, SkipReason};
+pub use config::{GroupSource, MergedWeights, RoundConfig};
+pub use error::{LearnError, Result};
+pub use eval::{EvalReport, evaluate, evaluate_observed};
+pub use metrics::{METRICS_FILE, RoundSummary};
+pub use prompts::{EvalItem, TrainPrompt, read_eval_items, read_train_prompts};
+pub use round::{
+    FEEDBACK_CURSOR_KEY, MERGED_FILE, RoundContext, RoundObserver, RoundOutput, run_round,
+    run_round_observed,
+};

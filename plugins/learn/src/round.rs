@@ -1,0 +1,560 @@
+//! One training round: gather groups, train a LoRA candidate on a thread budget, write it
+//! (PEFT files, merged GGUF, metrics) and register it.
+//!
+//! A round publishes all or nothing. Everything is written into a hidden temporary folder of
+//! `adapters_dir`, synced, and renamed to `v<N>` only once complete; the registry row comes
+//! last. A round that fails or is cancelled removes its folder and registers nothing, so its
+//! only trace is its log.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use candle_core::{DType, Device};
+use searchloop_core::Agent;
+use searchloop_store_sql::{AdapterRecord, Cursor, NewAdapter, Store};
+use searchloop_train_sapo::{
+    GgufFile, Llama, LoraAdapter, StepMetrics, TrainError, TrainReport, TrainSequence, Trainer,
+    merge_into_gguf,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::{
+    batch::{BatchBuilder, BatchStats, SequenceLimits},
+    config::RoundConfig,
+    error::{LearnError, Result},
+    groups::{feedback_groups, replay_agent, replay_groups},
+    metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
+    prompts::{logged_train_prompts, pick_prompts, read_train_prompts},
+};
+
+/// The merged model's file name inside an adapter's folder.
+pub const MERGED_FILE: &str = "merged.gguf";
+
+/// The key of the registry's training config under which a round records where its feedback
+/// reading stopped; the next round from that adapter resumes there.
+pub const FEEDBACK_CURSOR_KEY: &str = "feedback_cursor";
+
+/// What a round works with.
+#[derive(Debug, Clone, Copy)]
+pub struct RoundContext<'a> {
+    /// The serving agent: replay groups are sampled through it (and recorded in its sink).
+    pub agent: &'a Agent,
+    /// The store: logged feedback, the reward policy, the adapter registry.
+    pub store: &'a Store,
+    /// The base model's GGUF (the trainer's weights, and the base of the merged model).
+    pub base_gguf: &'a Path,
+    /// The promoted adapter version the round continues (`None`: a new adapter on the base).
+    pub parent: Option<u64>,
+    /// The parent adapter's folder (PEFT files); required when `parent` is set.
+    pub parent_adapter_dir: Option<&'a Path>,
+    /// Where adapter folders (`v<N>`) are written; created when missing.
+    pub adapters_dir: &'a Path,
+    /// Set to stop the round; it is checked between replay groups and optimizer steps.
+    pub cancel: &'a AtomicBool,
+}
+
+/// What a successful round produced.
+#[derive(Debug, Clone)]
+pub struct RoundOutput {
+    /// The candidate, registered with status `candidate`.
+    pub candidate: AdapterRecord,
+    /// The adapter's folder: PEFT files, merged model, metrics.
+    pub adapter_dir: PathBuf,
+    /// The merged GGUF serving the candidate.
+    pub merged_gguf: PathBuf,
+    /// The trainer's report.
+    pub report: TrainReport,
+    /// The per-step metrics file.
+    pub metrics_jsonl: PathBuf,
+    /// What the round did.
+    pub summary: RoundSummary,
+    /// Where the next round from this candidate resumes reading feedback.
+    pub feedback_cursor: Cursor,
+}
+
+/// Progress of a round, for front ends. Every method has a no-op default.
+pub trait RoundObserver: Send + Sync {
+    /// `done` of `total` replay episodes are sampled.
+    fn rollouts(&self, done: usize, total: usize) {
+        let _ = (done, total);
+    }
+
+    /// Training starts: at most `planned_steps` optimizer steps on `sequences` sequences.
+    fn training(&self, planned_steps: usize, sequences: usize) {
+        let _ = (planned_steps, sequences);
+    }
+
+    /// An optimizer step finished.
+    fn step(&self, metrics: &StepMetrics) {
+        let _ = metrics;
+    }
+
+    /// The adapter and the merged model are being written.
+    fn writing(&self) {}
+}
+
+/// Observes nothing.
+impl RoundObserver for () {}
+
+/// Runs one round (see the module docs).
+pub async fn run_round(ctx: &RoundContext<'_>, config: &RoundConfig) -> Result<RoundOutput> {
+    run_round_observed(ctx, config, &()).await
+}
+
+/// [`run_round`], reporting progress to `observer`.
+pub async fn run_round_observed(
+    ctx: &RoundContext<'_>,
+    config: &RoundConfig,
+    observer: &dyn RoundObserver,
+) -> Result<RoundOutput> {
+    config.validate()?;
+    if ctx.parent.is_some() != ctx.parent_adapter_dir.is_some() {
+        return Err(LearnError::Config(
+            "a parent adapter version needs its folder, and a folder its version".into(),
+        ));
+    }
+    let model_config = GgufFile::open(ctx.base_gguf)?.config()?;
+    let limits = SequenceLimits {
+        vocab_size: model_config.vocab_size,
+        max_tokens: config.max_sequence_tokens,
+    };
+    std::fs::create_dir_all(ctx.adapters_dir).map_err(|e| {
+        LearnError::io(
+            format!(
+                "cannot create the adapters folder {}",
+                ctx.adapters_dir.display()
+            ),
+            e,
+        )
+    })?;
+    let round = ctx.store.list_adapters().await?.len() as u64;
+    let reward_policy = ctx.store.options().reward_policy.clone();
+
+    let mut batch = BatchBuilder::default();
+    let mut replay = Default::default();
+    if config.source.replay() {
+        let prompts = match &config.prompts {
+            Some(path) => read_train_prompts(path)?,
+            None => logged_train_prompts(ctx.store, usize::MAX).await?,
+        };
+        let chosen = pick_prompts(&prompts, config.prompts_per_round, round, config.seed);
+        if chosen.is_empty() {
+            tracing::warn!("no train-split prompts: the round samples no replay groups");
+        }
+        let agent = replay_agent(ctx.agent, config)?;
+        let progress = |done, total| observer.rollouts(done, total);
+        replay = replay_groups(
+            &agent,
+            &chosen,
+            config,
+            round,
+            &reward_policy,
+            limits,
+            &mut batch,
+            ctx.cancel,
+            &progress,
+        )
+        .await?;
+    }
+    let since = match ctx.parent {
+        Some(v) => parent_cursor(ctx.store, v).await?,
+        None => Cursor::START,
+    };
+    let feedback_cursor = if config.source.feedback() {
+        feedback_groups(ctx.store, since, config, limits, &mut batch, ctx.cancel).await?
+    } else {
+        since
+    };
+    let (sequences, stats) = batch.finish();
+    check_trainable(&stats, config)?;
+    if ctx.cancel.load(Ordering::SeqCst) {
+        return Err(LearnError::Cancelled);
+    }
+
+    // The temporary folder is removed when dropped, on every early return below.
+    let staging = tempfile::Builder::new()
+        .prefix(".round-")
+        .tempdir_in(ctx.adapters_dir)
+        .map_err(|e| {
+            LearnError::io(
+                format!("cannot create a folder in {}", ctx.adapters_dir.display()),
+                e,
+            )
+        })?;
+    let mut metrics = MetricsWriter::create(&staging.path().join(METRICS_FILE))?;
+    let threads = config.thread_budget();
+    let trained_tokens =
+        config.trainer.ppo_epochs * sequences.iter().map(|s| s.tokens.len()).sum::<usize>();
+    let train_started = Instant::now();
+    let report = train_in_background(
+        TrainJob {
+            base_gguf: ctx.base_gguf.to_path_buf(),
+            parent_dir: ctx.parent_adapter_dir.map(Path::to_path_buf),
+            config: config.clone(),
+            sequences,
+            out_dir: staging.path().to_path_buf(),
+            threads,
+        },
+        ctx.cancel,
+        &mut |event| match event {
+            JobEvent::Started {
+                planned_steps,
+                sequences,
+            } => {
+                observer.training(planned_steps, sequences);
+                Ok(())
+            }
+            JobEvent::Step(m) => {
+                observer.step(&m);
+                metrics.write(&step_line(round, &m, &stats))
+            }
+            JobEvent::Writing => {
+                observer.writing();
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    let summary = RoundSummary {
+        round,
+        parent: ctx.parent,
+        batch: stats,
+        steps: report.steps.len(),
+        trained_sequences: report.trained_sequences,
+        logprob_gap: report.logprob_gap,
+        logprob_gap_max: report.logprob_gap_max,
+        rollout_episodes: replay.episodes,
+        rollout_tokens: replay.generated_tokens,
+        rollout_seconds: replay.seconds,
+        train_seconds: train_started.elapsed().as_secs_f64(),
+        trained_tokens,
+        threads,
+    };
+    metrics.write(&MetricsLine::Round(&summary))?;
+    metrics.finish()?;
+    sync_files(staging.path())?;
+    if ctx.cancel.load(Ordering::SeqCst) {
+        return Err(LearnError::Cancelled);
+    }
+
+    let content_hash = adapter_hash(staging.path())?;
+    let version = ctx
+        .store
+        .list_adapters()
+        .await?
+        .iter()
+        .map(|a| a.version)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let final_dir = ctx.adapters_dir.join(format!("v{version}"));
+    publish(staging, &final_dir, ctx.store, version).await?;
+    let mut training_config = serde_json::to_value(config).unwrap_or_default();
+    if let Some(map) = training_config.as_object_mut() {
+        map.insert(
+            FEEDBACK_CURSOR_KEY.into(),
+            serde_json::to_value(feedback_cursor).unwrap_or_default(),
+        );
+    }
+    let registered = ctx
+        .store
+        .register_adapter(NewAdapter {
+            content_hash,
+            parent_version: ctx.parent,
+            path: final_dir.to_string_lossy().into_owned(),
+            training_config,
+            metrics_summary: serde_json::to_value(&summary).unwrap_or_default(),
+            created_at: None,
+        })
+        .await;
+    let candidate = match registered {
+        Ok(record) => record,
+        Err(e) => {
+            remove_quietly(&final_dir);
+            return Err(e.into());
+        }
+    };
+    if candidate.version != version {
+        // Another writer registered an adapter in between; the folder name is then off by
+        // the registry's count, but the registry's path is the truth.
+        tracing::warn!(
+            expected = version,
+            got = candidate.version,
+            path = %final_dir.display(),
+            "the adapter folder is named after a version the registry did not assign"
+        );
+    }
+    tracing::info!(
+        version = candidate.version,
+        steps = summary.steps,
+        sequences = summary.batch.sequences,
+        "registered a candidate adapter"
+    );
+    Ok(RoundOutput {
+        candidate,
+        merged_gguf: final_dir.join(MERGED_FILE),
+        metrics_jsonl: final_dir.join(METRICS_FILE),
+        adapter_dir: final_dir,
+        report,
+        summary,
+        feedback_cursor,
+    })
+}
+
+/// Refuses a batch that cannot move the adapter: empty, or every group without spread.
+fn check_trainable(stats: &BatchStats, config: &RoundConfig) -> Result<()> {
+    if stats.sequences == 0 {
+        let skipped: usize = stats.skipped.values().sum();
+        return Err(LearnError::NoData(format!(
+            "no usable episodes (source {:?}; {skipped} left out: {:?})",
+            config.source, stats.skipped
+        )));
+    }
+    if stats.zero_std_groups == stats.groups && config.trainer.advantages.skip_zero_std_groups {
+        return Err(LearnError::NoData(format!(
+            "all {} groups ({} episodes) have equal rewards, so no advantage is non-zero",
+            stats.groups, stats.sequences
+        )));
+    }
+    Ok(())
+}
+
+/// Where the feedback reading of the round that produced adapter `version` stopped.
+async fn parent_cursor(store: &Store, version: u64) -> Result<Cursor> {
+    let record = store
+        .get_adapter(version)
+        .await?
+        .ok_or(searchloop_store_sql::StoreError::UnknownAdapter(version))?;
+    Ok(record
+        .training_config
+        .get(FEEDBACK_CURSOR_KEY)
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or(Cursor::START))
+}
+
+/// sha256 of the adapter's weights file, in hex.
+fn adapter_hash(dir: &Path) -> Result<String> {
+    let path = dir.join(searchloop_train_sapo::lora::ADAPTER_WEIGHTS_FILE);
+    let bytes = std::fs::read(&path)
+        .map_err(|e| LearnError::io(format!("cannot read {}", path.display()), e))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Renames the complete staging folder to `final_dir`. A folder already there that the
+/// registry does not know (left by a process that died between this rename and its
+/// registration) is replaced; one the registry knows is never touched.
+async fn publish(
+    staging: tempfile::TempDir,
+    final_dir: &Path,
+    store: &Store,
+    version: u64,
+) -> Result<()> {
+    if final_dir.exists() {
+        if store.get_adapter(version).await?.is_some() {
+            return Err(LearnError::Config(format!(
+                "{} already holds registered adapter v{version}",
+                final_dir.display()
+            )));
+        }
+        tracing::warn!(path = %final_dir.display(), "replacing an unregistered adapter folder");
+        std::fs::remove_dir_all(final_dir)
+            .map_err(|e| LearnError::io(format!("cannot remove {}", final_dir.display()), e))?;
+    }
+    let path = staging.keep();
+    std::fs::rename(&path, final_dir).map_err(|e| {
+        remove_quietly(&path);
+        LearnError::io(
+            format!(
+                "cannot rename {} to {}",
+                path.display(),
+                final_dir.display()
+            ),
+            e,
+        )
+    })?;
+    // The rename is durable once the parent folder's entry is synced.
+    if let Some(parent) = final_dir.parent()
+        && let Ok(dir) = std::fs::File::open(parent)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// Syncs every file of `dir`, so the folder is complete on disk before it is published.
+fn sync_files(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| LearnError::io(format!("cannot list {}", dir.display()), e))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| LearnError::io(format!("cannot list {}", dir.display()), e))?
+            .path();
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| LearnError::io(format!("cannot sync {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove a round's folder");
+    }
+}
+
+/// Everything the training thread owns.
+struct TrainJob {
+    base_gguf: PathBuf,
+    parent_dir: Option<PathBuf>,
+    config: RoundConfig,
+    sequences: Vec<TrainSequence>,
+    out_dir: PathBuf,
+    threads: usize,
+}
+
+/// What the training thread reports while it runs.
+enum JobEvent {
+    Started {
+        planned_steps: usize,
+        sequences: usize,
+    },
+    Step(StepMetrics),
+    Writing,
+}
+
+/// Sets the job's stop flag when the round's future is dropped mid-training, so the thread
+/// stops at its next step instead of training for nobody.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Runs `job` on a blocking thread, forwarding its events to `on_event` and the caller's
+/// `cancel` flag to the thread. An error from `on_event` stops the job.
+async fn train_in_background(
+    job: TrainJob,
+    cancel: &AtomicBool,
+    on_event: &mut (dyn FnMut(JobEvent) -> Result<()> + Send),
+) -> Result<TrainReport> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(Arc::clone(&stop));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let thread_stop = Arc::clone(&stop);
+    let mut handle = tokio::task::spawn_blocking(move || run_job(job, &thread_stop, &tx));
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    let mut failure = None;
+    let joined = loop {
+        tokio::select! {
+            joined = &mut handle => break joined,
+            Some(event) = rx.recv() => {
+                if let Err(e) = on_event(event) {
+                    stop.store(true, Ordering::SeqCst);
+                    failure.get_or_insert(e);
+                }
+            }
+            _ = poll.tick() => {
+                if cancel.load(Ordering::SeqCst) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+    };
+    while let Ok(event) = rx.try_recv() {
+        if failure.is_none()
+            && let Err(e) = on_event(event)
+        {
+            failure = Some(e);
+        }
+    }
+    let result = joined.map_err(|e| LearnError::Thread(e.to_string()))?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if cancel.load(Ordering::SeqCst) {
+        return Err(LearnError::Cancelled);
+    }
+    result
+}
+
+/// The training thread: load, train, write the PEFT adapter and the merged model.
+fn run_job(
+    job: TrainJob,
+    stop: &AtomicBool,
+    events: &mpsc::UnboundedSender<JobEvent>,
+) -> Result<TrainReport> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(job.threads)
+        .thread_name(|i| format!("searchloop-train-{i}"))
+        .build()
+        .map_err(|e| LearnError::Thread(format!("cannot start the trainer's threads: {e}")))?;
+    // candle's CPU kernels run their parallel loops on the current rayon pool, so installing
+    // this pool keeps the trainer on its budget and off the pool serving uses.
+    pool.install(|| {
+        let device = match job.config.cuda_device {
+            Some(ordinal) => Device::new_cuda(ordinal).map_err(TrainError::from)?,
+            None => Device::Cpu,
+        };
+        let started = Instant::now();
+        let model = Llama::load(&job.base_gguf, &device, DType::F32)?;
+        let adapter = match &job.parent_dir {
+            Some(dir) => LoraAdapter::load_peft(dir, model.config(), &device, DType::F32)?,
+            None => LoraAdapter::new(job.config.lora.clone(), model.config(), &device, DType::F32)?,
+        };
+        let mut trainer = Trainer::new(model, adapter, job.config.trainer.clone())?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "trainer loaded");
+        let started = Instant::now();
+        // A send fails only when the round's future is gone; the stop flag handles that.
+        let _ = events.send(JobEvent::Started {
+            planned_steps: trainer.planned_steps(&job.sequences),
+            sequences: job.sequences.len(),
+        });
+        let report = trainer
+            .train_with(&job.sequences, &mut |m| {
+                let _ = events.send(JobEvent::Step(m.clone()));
+                !stop.load(Ordering::SeqCst)
+            })
+            .map_err(|e| match e {
+                TrainError::Cancelled => LearnError::Cancelled,
+                other => other.into(),
+            })?;
+        if stop.load(Ordering::SeqCst) {
+            return Err(LearnError::Cancelled);
+        }
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            steps = report.steps.len(),
+            "trained"
+        );
+        let _ = events.send(JobEvent::Writing);
+        let started = Instant::now();
+        let (_, adapter) = trainer.into_parts();
+        adapter.save_peft(&job.out_dir, &job.config.base_model_name)?;
+        if stop.load(Ordering::SeqCst) {
+            return Err(LearnError::Cancelled);
+        }
+        merge_into_gguf(
+            &job.base_gguf,
+            &adapter,
+            job.out_dir.join(MERGED_FILE),
+            job.config.merged_weights.encoding(),
+        )?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "adapter and merged model written"
+        );
+        Ok(report)
+    })
+}
