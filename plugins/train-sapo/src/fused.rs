@@ -188,8 +188,8 @@ pub fn head_logprobs(
     let mut entropies = Vec::new();
     for start in (0..n).step_by(HEAD_CHUNK) {
         let len = HEAD_CHUNK.min(n - start);
-        let scale = Tensor::from_slice(&inv_temp[start..start + len], (len, 1), device)?
-            .to_dtype(work)?;
+        let scale =
+            Tensor::from_slice(&inv_temp[start..start + len], (len, 1), device)?.to_dtype(work)?;
         let logits = hd
             .narrow(0, start, len)?
             .matmul(&w.t()?)?
@@ -232,12 +232,7 @@ impl CustomOp1 for Head {
 
     /// `d logp_i / d h_i = s_i g_i (W[y_i] - softmax(s_i h_i Wᵀ) W)` with `s_i` the inverse
     /// temperature, computed chunk by chunk.
-    fn bwd(
-        &self,
-        h: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let work = self.weight.dtype();
         let device = h.device();
         let n = h.dim(0)?;
@@ -315,8 +310,18 @@ mod tests {
             .unwrap();
         let lean = attention(&q, &k, &v, &bias).unwrap();
         assert!(max_diff(&reference, &lean) < 1e-12);
-        let g_ref = (reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_lean = (lean * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_lean = (lean * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for var in [&q, &k, &v] {
             let (a, b) = (g_ref.get(var).unwrap(), g_lean.get(var).unwrap());
             assert!(max_diff(a, b) < 1e-12, "{}", max_diff(a, b));
@@ -331,11 +336,17 @@ mod tests {
         let h = Var::randn(0f64, 1.0, (n, hidden), &dev).unwrap();
         let w = Tensor::randn(0f64, 1.0, (vocab, hidden), &dev).unwrap();
         let targets: Vec<u32> = (0..n).map(|i| (i * 7 % vocab) as u32).collect();
-        let inv: Vec<f64> = (0..n).map(|i| if i % 2 == 0 { 1.0 } else { 1.0 / 0.3 }).collect();
+        let inv: Vec<f64> = (0..n)
+            .map(|i| if i % 2 == 0 { 1.0 } else { 1.0 / 0.3 })
+            .collect();
         let scale = Tensor::from_slice(&inv, (n, 1), &dev).unwrap();
-        let logp_all =
-            log_softmax_last(&h.matmul(&w.t().unwrap()).unwrap().broadcast_mul(&scale).unwrap())
-                .unwrap();
+        let logp_all = log_softmax_last(
+            &h.matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_mul(&scale)
+                .unwrap(),
+        )
+        .unwrap();
         let idx = Tensor::from_slice(&targets, (n, 1), &dev).unwrap();
         let reference = logp_all.gather(&idx, 1).unwrap().squeeze(1).unwrap();
         let ref_entropy = (logp_all.exp().unwrap() * &logp_all)
@@ -348,8 +359,18 @@ mod tests {
         assert!(max_diff(&reference, &lean) < 1e-12);
         assert!(max_diff(&ref_entropy, &entropy) < 1e-12);
         let weights = Tensor::randn(0f64, 1.0, n, &dev).unwrap();
-        let g_ref = (reference * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_lean = (lean * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_ref = (reference * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_lean = (lean * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         let diff = max_diff(g_ref.get(&h).unwrap(), g_lean.get(&h).unwrap());
         assert!(diff < 1e-12, "{diff}");
     }

@@ -233,7 +233,9 @@ impl Llama {
         }
         let h = self.hidden_states(ids, attention_mask, adapter)?;
         // The last position predicts nothing we can score, so its logits are never formed.
-        let h = h.narrow(1, 0, t - 1)?.reshape((b * (t - 1), self.config.hidden_size))?;
+        let h = h
+            .narrow(1, 0, t - 1)?
+            .reshape((b * (t - 1), self.config.hidden_size))?;
         let targets: Vec<u32> = ids
             .to_dtype(DType::U32)?
             .narrow(1, 1, t - 1)?
