@@ -23,8 +23,9 @@ use searchloop_examples::retail::Split;
 use searchloop_learn::GroupSource;
 use searchloop_runtime::Runtime;
 
-/// Seconds of each episode of `requests`, run one after the other.
-async fn episodes(runtime: &Runtime, ws: &Workspace, count: usize) -> Vec<f64> {
+/// When each of `count` held-out episodes, run one after the other, started and how many
+/// seconds it took.
+async fn episodes(runtime: &Runtime, ws: &Workspace, count: usize) -> Vec<(Instant, f64)> {
     let questions: Vec<_> = ws
         .questions
         .iter()
@@ -35,9 +36,23 @@ async fn episodes(runtime: &Runtime, ws: &Workspace, count: usize) -> Vec<f64> {
     for (i, q) in questions.iter().enumerate() {
         let started = Instant::now();
         runtime.run(ws.request(q, i as u64)).await.unwrap();
-        seconds.push(started.elapsed().as_secs_f64());
+        seconds.push((started, started.elapsed().as_secs_f64()));
     }
     seconds
+}
+
+fn latencies(timed: &[(Instant, f64)]) -> Vec<f64> {
+    timed.iter().map(|(_, s)| *s).collect()
+}
+
+/// Peak resident memory of this process in MiB.
+fn peak_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |kib| kib / 1024)
 }
 
 fn summary(name: &str, seconds: &[f64]) {
@@ -95,12 +110,12 @@ fn main() {
         episodes(&runtime, &ws, 1).await;
         let before = episodes(&runtime, &ws, count).await;
 
+        let round_started = Instant::now();
         let round = {
             let runtime = runtime.clone();
             tokio::spawn(async move {
-                let started = Instant::now();
                 let report = runtime.train_now().await;
-                (report, started.elapsed())
+                (report, round_started.elapsed())
             })
         };
         // Serve until the round ends, repeating the same episodes.
@@ -111,9 +126,24 @@ fn main() {
         let (report, round_time) = round.await.unwrap();
         let after = episodes(&runtime, &ws, count).await;
 
-        summary("alone, before the round", &before);
-        summary("during the round", &during);
-        summary("alone, after the round", &after);
+        summary("alone, before the round", &latencies(&before));
+        summary("during the round", &latencies(&during));
+        if let Ok(report) = &report {
+            // The round's summary says how long its replay sampling took; episodes that started
+            // before then competed with replay episodes, the rest with training.
+            let record = runtime.store().get_adapter(report.candidate).await.unwrap();
+            let rollout = record
+                .and_then(|r| r.metrics_summary.get("rollout_seconds")?.as_f64())
+                .unwrap_or(0.0);
+            let split = round_started + Duration::from_secs_f64(rollout);
+            let (replay, training): (Vec<_>, Vec<_>) =
+                during.iter().partition(|(started, _)| *started < split);
+            summary("  while replay sampled", &latencies(&replay));
+            summary("  while the trainer ran", &latencies(&training));
+            println!("replay sampling took {rollout:.1} s");
+        }
+        summary("alone, after the round", &latencies(&after));
+        println!("peak RSS {} MiB", peak_rss_mib());
         match report {
             Ok(report) => println!(
                 "round: {:.1} s in all: training part {:.1} s (replay sampling + {} optimizer \
