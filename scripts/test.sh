@@ -15,11 +15,13 @@ step "Build (release profile, every target: libraries, binaries, tests, examples
 cargo build --release --workspace --all-targets --locked
 
 step "Default model"
-SEARCHLOOP_MODEL_PATH=$(target/release/searchloop model fetch)
-echo "model: $SEARCHLOOP_MODEL_PATH"
+# Every test finds the model here, whatever cache directory the machine's environment names.
+SEARCHLOOP_MODEL=$(target/release/searchloop model fetch)
+export SEARCHLOOP_MODEL
+echo "model: $SEARCHLOOP_MODEL"
 
 step "Rust tests"
-cargo test --release --workspace --locked
+cargo test --release --workspace --locked --no-fail-fast
 
 if [ -x scripts/test-python.sh ]; then
     step "Python binding tests"

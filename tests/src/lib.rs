@@ -30,7 +30,9 @@ pub fn searchloop_binary() -> PathBuf {
 /// Runs `searchloop` with `args` and extra environment variables, and returns its output.
 pub fn run_searchloop(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(searchloop_binary());
-    command.args(args);
+    // The tool finds its model as on a user's machine (the default cache) unless a test says
+    // otherwise: the test script's SEARCHLOOP_MODEL would bypass the fetcher under test.
+    command.args(args).env_remove("SEARCHLOOP_MODEL");
     for (key, value) in env {
         command.env(key, value);
     }

@@ -1,5 +1,6 @@
 //! The `searchloop` tool run as a real process: the model fetch, the demo on the embedded model
-//! recording into the store, and the store commands on what the demo recorded.
+//! recording into the store, the store, ask, index and adapter commands on what the demo
+//! recorded, help for every command, and clear errors for bad paths.
 
 use searchloop_e2e::{run_searchloop, stderr_of, stdout_of};
 
@@ -122,6 +123,113 @@ fn demo_records_into_the_store_and_the_store_commands_read_it_back() {
         "{}",
         stdout_of(&shown)
     );
+
+    // `ask` runs one episode on the real model and records it like the demo's.
+    let asked = cli(&["ask", "What material is the Aurora tote?"]);
+    let asked_text = stdout_of(&asked);
+    assert!(asked.status.success(), "{}", stderr_of(&asked));
+    assert!(asked_text.contains("answer: "), "{asked_text}");
+    let asked_id = asked_text
+        .lines()
+        .find_map(|l| l.strip_prefix("trajectory: "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no trajectory id in {asked_text}"))
+        .to_string();
+    let listed = cli(&["trajectories", "list"]);
+    let listed_text = stdout_of(&listed);
+    assert!(listed.status.success(), "{}", stderr_of(&listed));
+    assert_eq!(listed_text.lines().count(), 3, "{listed_text}");
+    assert!(listed_text.contains(&asked_id), "{listed_text}");
+    assert!(listed_text.contains("Aurora tote"), "{listed_text}");
+    assert!(stdout_of(&cli(&["store", "stats"])).contains("trajectories: 3 "));
+
+    // `index --rebuild` indexes the demo's catalog again, from its configured files.
+    let indexed = cli(&["index", "--rebuild"]);
+    let indexed_text = stdout_of(&indexed);
+    assert!(indexed.status.success(), "{}", stderr_of(&indexed));
+    assert!(
+        indexed_text.contains("catalog: ") && indexed_text.contains(" products in "),
+        "{indexed_text}"
+    );
+
+    // The adapter registry starts empty, and changes to it that cannot be made are refused
+    // with one line each.
+    let adapters = cli(&["adapters", "list"]);
+    assert!(adapters.status.success(), "{}", stderr_of(&adapters));
+    assert!(
+        stdout_of(&adapters).contains("no adapters yet"),
+        "{}",
+        stdout_of(&adapters)
+    );
+    for args in [
+        vec!["adapters", "promote", "3"],
+        vec!["adapters", "show", "3"],
+        vec!["adapters", "rollback"],
+    ] {
+        let refused = cli(&args);
+        let stderr = stderr_of(&refused);
+        assert!(!refused.status.success(), "{args:?} was accepted");
+        assert!(
+            stderr.contains("v3") || stderr.contains("promoted"),
+            "{args:?}: {stderr}"
+        );
+        assert_eq!(stderr.matches("error: ").count(), 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+#[test]
+fn every_command_has_help_and_bad_paths_are_one_clear_error() {
+    for command in [
+        vec![],
+        vec!["demo"],
+        vec!["index"],
+        vec!["ask"],
+        vec!["feedback"],
+        vec!["trajectories"],
+        vec!["trajectories", "list"],
+        vec!["store", "stats"],
+        vec!["model", "fetch"],
+        vec!["train"],
+        vec!["eval"],
+        vec!["plot"],
+        vec!["adapters", "rollback"],
+        vec!["serve"],
+    ] {
+        let mut args = command.clone();
+        args.push("--help");
+        let help = run_searchloop(&args, &[]);
+        let text = stdout_of(&help);
+        assert!(help.status.success(), "{args:?}: {}", stderr_of(&help));
+        assert!(text.contains("Usage: searchloop"), "{args:?}: {text}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let missing = missing.to_str().unwrap();
+    let not_a_model = dir.path().join("model.toml");
+    std::fs::write(
+        &not_a_model,
+        "[model]\npath = \"no-such-model.gguf\"\n\n\
+         [[tools]]\nkind = \"catalog\"\nname = \"catalog\"\nindex = \"index\"\n",
+    )
+    .unwrap();
+    let not_a_model = not_a_model.to_str().unwrap();
+    for (args, expected) in [
+        (vec!["--config", missing, "store", "stats"], "nowhere.toml"),
+        (
+            vec!["--config", not_a_model, "ask", "hi?"],
+            "no-such-model.gguf",
+        ),
+        (vec!["plot", missing, "--out", "curves.svg"], "nowhere.toml"),
+    ] {
+        let output = run_searchloop(&args, &[]);
+        let stderr = stderr_of(&output);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
 }
 
 #[test]

@@ -1,6 +1,6 @@
-//! `searchloop serve`: the HTTP service (ask, feedback, trajectories, health, metrics) over the
-//! config's agent and store, until Ctrl-C or SIGTERM, then a graceful shutdown that lets the
-//! episodes in flight finish.
+//! `searchloop serve`: the HTTP service (ask, feedback, trajectories, adapters, training, health,
+//! metrics) over the config's agent and store, with `--learn` the training scheduler attached,
+//! until Ctrl-C or SIGTERM, then a graceful shutdown that lets the episodes in flight finish.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -29,6 +29,10 @@ pub struct ServeArgs {
     /// After Ctrl-C or SIGTERM, how long the requests in flight may still run, in seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = ServerConfig::default().shutdown_grace.as_secs_f64())]
     pub shutdown_grace: f64,
+    /// Attach the training scheduler of the config's [learn] section: rounds start on its
+    /// triggers, and candidates that pass the eval gate are promoted while serving goes on.
+    #[arg(long)]
+    pub learn: bool,
 }
 
 impl ServeArgs {
@@ -59,6 +63,11 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
     let server_config = args.server_config()?;
+    let learn = match (args.learn, &config.learn) {
+        (false, _) => None,
+        (true, Some(learn)) => Some(learn.clone()),
+        (true, None) => anyhow::bail!("--learn needs a [learn] section in the config"),
+    };
     // Bind before loading the model, so a taken port fails at once; connections that arrive
     // during the load wait in the listen queue and are served when it is done.
     let listener = searchloop_server::bind(&server_config).await?;
@@ -67,9 +76,16 @@ pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
         .context("cannot read the listening address")?;
     eprintln!("loading the model…");
     let runtime = Arc::new(Runtime::start(config).await?);
+    if let Some(learn) = learn {
+        runtime.attach_scheduler(learn).await?;
+        eprintln!("training scheduler attached");
+    }
     println!("searchloop serving on http://{addr}");
     let state = AppState::from_runtime(runtime.clone());
     let served = searchloop_server::serve(listener, state, &server_config, shutdown_signal()).await;
+    // A round still running is cancelled: it leaves nothing but its log, and the next start
+    // begins from the registry as it is.
+    runtime.detach_scheduler().await;
     runtime.store().close().await;
     served?;
     eprintln!("stopped: every request in flight was answered");

@@ -1,5 +1,6 @@
 //! The [`Agent`] object: a started searchloop runtime behind a uniffi handle, with the
-//! operations a host calls (ask, feedback, trajectory, stats).
+//! operations a host calls (ask, feedback, trajectory, stats, and the learning loop's: adapters,
+//! promote, rollback, train_now, the scheduler).
 //!
 //! Every agent runs on one process-wide, multi-threaded tokio runtime owned by the bindings.
 //! Constructors block on it while the model loads (Python cannot `await` a constructor), and
@@ -23,7 +24,10 @@ use crate::{
     error::{Result, SearchloopError},
     host_tool::{HostTool, SearchTool},
     options::{AgentOptions, ScriptedPolicyOptions},
-    records::{Answer, FeedbackOutcome, StoreStats, ToolCallRecord, TrajectoryRecord},
+    records::{
+        AdapterInfo, Answer, FeedbackOutcome, RoundSummary, StoreStats, SwapInfo, ToolCallRecord,
+        TrajectoryRecord,
+    },
 };
 
 /// A searchloop agent: the model, the tools (the configured ones and the host's), and the
@@ -151,6 +155,77 @@ impl Agent {
     pub async fn stats(&self) -> Result<StoreStats> {
         let runtime = Arc::clone(&self.runtime);
         spawn(async move { Ok(runtime.store().stats().await?.into()) }).await
+    }
+
+    /// Every registered adapter, oldest first.
+    pub async fn adapters(&self) -> Result<Vec<AdapterInfo>> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move {
+            Ok(runtime
+                .adapters()
+                .await?
+                .into_iter()
+                .map(AdapterInfo::from)
+                .collect())
+        })
+        .await
+    }
+
+    /// The adapter version serving new episodes (absent: the base model).
+    pub fn serving_version(&self) -> Option<u64> {
+        self.runtime.loop_metrics().serving_version
+    }
+
+    /// Promotes adapter `version` and serves it; episodes in flight finish on the old model.
+    pub async fn promote(&self, version: u64) -> Result<SwapInfo> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move { Ok(runtime.promote(version).await?.into()) }).await
+    }
+
+    /// Rolls back to the formerly promoted adapter `to`, or by default to the one promoted
+    /// before the current one (or the base model when there is none).
+    #[uniffi::method(default(to = None))]
+    pub async fn rollback(&self, to: Option<u64>) -> Result<SwapInfo> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move { Ok(runtime.rollback(to).await?.into()) }).await
+    }
+
+    /// Runs one training round now, with its eval gate, and returns what it did (minutes on a
+    /// CPU). Needs a `[learn]` section in the agent's config file.
+    pub async fn train_now(&self) -> Result<RoundSummary> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move { Ok(runtime.train_now().await?.into()) }).await
+    }
+
+    /// Attaches the training scheduler of the config's `[learn]` section: rounds start in the
+    /// background on its triggers while the agent keeps answering. A bad `[learn]` section is
+    /// an error now, not at the first round.
+    pub async fn attach_scheduler(&self) -> Result<()> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move {
+            let Some(learn) = runtime.config().learn.clone() else {
+                return Err(SearchloopError::Config(
+                    "the scheduler needs a [learn] section in the agent's config file".into(),
+                ));
+            };
+            Ok(runtime.attach_scheduler(learn).await?)
+        })
+        .await
+    }
+
+    /// Stops the scheduler, cancelling its running round (which leaves no trace).
+    pub async fn detach_scheduler(&self) -> Result<()> {
+        let runtime = Arc::clone(&self.runtime);
+        spawn(async move {
+            runtime.detach_scheduler().await;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Whether the scheduler is attached.
+    pub fn scheduler_attached(&self) -> bool {
+        self.runtime.scheduler_attached()
     }
 
     /// The names of the agent's tools, in registration order.

@@ -41,6 +41,13 @@ pub enum SearchloopError {
     /// observations).
     #[error("{0}")]
     Episode(String),
+    /// An adapter cannot be promoted, rolled back to or loaded, or no adapter has the version.
+    #[error("{0}")]
+    Adapter(String),
+    /// A training round could not run or failed (one already running, cancelled, over the
+    /// memory cap, or a training error).
+    #[error("{0}")]
+    Learning(String),
     /// The bindings' own machinery failed (the async runtime, a task).
     #[error("{0}")]
     Internal(String),
@@ -69,6 +76,11 @@ impl From<RuntimeError> for SearchloopError {
             RuntimeError::Tool { .. } => Self::Tool(message),
             RuntimeError::Store(store) => store.into(),
             RuntimeError::Core(_) => Self::Episode(message),
+            RuntimeError::UnknownAdapter(_) | RuntimeError::Adapter(_) => Self::Adapter(message),
+            RuntimeError::RoundBusy
+            | RuntimeError::RoundCancelled
+            | RuntimeError::MemoryCap { .. }
+            | RuntimeError::Learn(_) => Self::Learning(message),
             // The runtime's error is non-exhaustive; a kind added later still keeps its message.
             _ => Self::Internal(message),
         }

@@ -222,3 +222,111 @@ impl From<searchloop_store_sql::StoreStats> for StoreStats {
         }
     }
 }
+
+/// One registered adapter.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct AdapterInfo {
+    /// Its version: 1, 2, 3, ... never reused.
+    pub version: u64,
+    /// The version it was trained from.
+    pub parent_version: Option<u64>,
+    /// `candidate`, `promoted`, `superseded`, `rejected` or `rolled_back`.
+    pub status: String,
+    /// Why it was rejected or rolled back.
+    pub status_reason: Option<String>,
+    /// Where its files are.
+    pub path: String,
+    /// Hash of the weights.
+    pub content_hash: String,
+    /// Its held-out evaluation as JSON text, once the gate has run.
+    pub eval_results_json: Option<String>,
+    /// When it was registered.
+    pub created_at: SystemTime,
+}
+
+impl From<searchloop_store_sql::AdapterRecord> for AdapterInfo {
+    fn from(a: searchloop_store_sql::AdapterRecord) -> Self {
+        Self {
+            version: a.version,
+            parent_version: a.parent_version,
+            status: a.status.to_string(),
+            status_reason: a.status_reason,
+            path: a.path,
+            content_hash: a.content_hash,
+            eval_results_json: a.eval_results.map(|v| v.to_string()),
+            created_at: a.created_at.into(),
+        }
+    }
+}
+
+/// What a change of the served adapter did.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct SwapInfo {
+    /// The version served before (absent: the base model).
+    pub from_version: Option<u64>,
+    /// The version served now (absent: the base model).
+    pub to_version: Option<u64>,
+    /// Time spent loading the new model.
+    pub load_ms: u64,
+}
+
+impl From<searchloop_runtime::SwapReport> for SwapInfo {
+    fn from(s: searchloop_runtime::SwapReport) -> Self {
+        Self {
+            from_version: s.from,
+            to_version: s.to,
+            load_ms: s.load_ms,
+        }
+    }
+}
+
+/// What one training round did.
+#[derive(Debug, Clone, PartialEq, uniffi::Record)]
+pub struct RoundSummary {
+    /// The candidate adapter the round registered.
+    pub candidate: u64,
+    /// The adapter it was compared with (absent: the base model).
+    pub incumbent: Option<u64>,
+    /// Whether the eval gate promoted the candidate (it serves new episodes now).
+    pub promoted: bool,
+    /// Why the gate rejected it, when it did.
+    pub rejection_reason: Option<String>,
+    /// The candidate's held-out exact match (absent when the ISDD alarm rejected it
+    /// unevaluated).
+    pub candidate_em: Option<f64>,
+    /// The incumbent's, on the same questions and seed.
+    pub incumbent_em: Option<f64>,
+    /// Optimizer steps taken.
+    pub steps: u64,
+    /// Wall time of training.
+    pub train_ms: u64,
+    /// Wall time of the gate.
+    pub gate_ms: u64,
+    /// The whole report as JSON text (per-step metrics, both evaluations, the swap).
+    pub report_json: String,
+}
+
+impl From<searchloop_runtime::RoundReport> for RoundSummary {
+    fn from(r: searchloop_runtime::RoundReport) -> Self {
+        let (promoted, rejection_reason) = match &r.verdict {
+            searchloop_runtime::gate::GateVerdict::Promote => (true, None),
+            searchloop_runtime::gate::GateVerdict::Reject { reason } => {
+                (false, Some(reason.clone()))
+            }
+        };
+        Self {
+            candidate: r.candidate,
+            incumbent: r.incumbent,
+            promoted,
+            rejection_reason,
+            candidate_em: r.candidate_eval.as_ref().map(|e| e.em),
+            incumbent_em: r.incumbent_eval.as_ref().map(|e| e.em),
+            steps: r.train.steps.len() as u64,
+            train_ms: r.train_ms,
+            gate_ms: r.gate_ms,
+            // A report of plain numbers and strings always serializes; an empty object keeps
+            // the record usable if that ever changed.
+            report_json: serde_json::to_string(&r).unwrap_or_else(|_| "{}".into()),
+        }
+    }
+}

@@ -204,7 +204,7 @@ impl AdapterManager {
         self.store
             .get_adapter(version)
             .await?
-            .ok_or_else(|| RuntimeError::Adapter(format!("there is no adapter v{version}")))
+            .ok_or(RuntimeError::UnknownAdapter(version))
     }
 
     /// Promotes adapter `version` (a candidate, or a superseded one) and serves it.

@@ -178,9 +178,13 @@ impl AppConfig {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        config
-            .validate()
-            .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?;
+        // Name the file once in front of the validation's own message.
+        config.validate().map_err(|e| match e {
+            RuntimeError::Config(message) => {
+                RuntimeError::Config(format!("{}: {message}", path.display()))
+            }
+            other => RuntimeError::Config(format!("{}: {other}", path.display())),
+        })?;
         Ok(config)
     }
 

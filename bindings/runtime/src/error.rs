@@ -38,6 +38,9 @@ pub enum RuntimeError {
     /// The core (agent loop, policy) failed.
     #[error(transparent)]
     Core(#[from] searchloop_core::Error),
+    /// No adapter of this version is registered.
+    #[error("adapter registry: there is no adapter v{0}")]
+    UnknownAdapter(u64),
     /// An adapter cannot be promoted, rolled back to or served; the message names it.
     #[error("adapter registry: {0}")]
     Adapter(String),

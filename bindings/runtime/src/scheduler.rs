@@ -943,6 +943,11 @@ impl Runtime {
         }
     }
 
+    /// Whether rounds can run: the config has a `[learn]` section, or a scheduler is attached.
+    pub fn learning_configured(&self) -> bool {
+        lock(&self.learning.shared.config).is_some()
+    }
+
     /// Whether a scheduler is attached.
     pub fn scheduler_attached(&self) -> bool {
         lock(&self.learning.shared.scheduler).is_some()

@@ -20,7 +20,7 @@ use common::{
     ScriptedLoader, Workspace, model_path, register, version_name, write_candidate,
     write_stub_candidate,
 };
-use searchloop_core::SamplingParams;
+use searchloop_core::{SamplingParams, Tool, ToolError};
 use searchloop_examples::retail::Split;
 use searchloop_runtime::{Runtime, SwapReport};
 use searchloop_store_sql::AdapterStatus;
@@ -119,12 +119,61 @@ async fn sixteen_askers_across_two_promotions_and_a_rollback() {
     eprintln!("episodes per version: {per_version:?}");
 }
 
+/// A search tool that holds every call until the test releases it, and says when a call has
+/// arrived: an episode waiting in it is surely in flight, whatever the model's speed.
+struct HeldSearch {
+    entered: Arc<tokio::sync::Notify>,
+    released: tokio::sync::watch::Receiver<bool>,
+}
+
+#[derive(serde::Deserialize)]
+struct QueryArgs {
+    query: String,
+}
+
+impl Tool for HeldSearch {
+    type Args = QueryArgs;
+    fn name(&self) -> &str {
+        "held_search"
+    }
+    fn description(&self) -> &str {
+        "Finds products by name."
+    }
+    fn parameters(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"]
+        })
+    }
+    async fn call(&self, args: QueryArgs) -> Result<String, ToolError> {
+        self.entered.notify_one();
+        let mut released = self.released.clone();
+        let _ = released.wait_for(|r| *r).await;
+        Ok(format!("[BAG-00001] {} - red leather, $89.00", args.query))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_real_swap_mid_episode_then_a_restart_serve_what_the_registry_says() {
     let ws = Workspace::new(120);
     let folder = ws.adapters_dir().join("v1");
     write_candidate(&model_path(), &folder, None);
-    let runtime = Arc::new(Runtime::start(ws.config.clone()).await.unwrap());
+    // The first turn's search goes to a tool that holds the episode until after the swap.
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let (release, released) = tokio::sync::watch::channel(false);
+    let mut config = ws.config.clone();
+    config.default_tool = Some("held_search".into());
+    config.tool_limits.timeout_ms = 300_000;
+    let held = HeldSearch {
+        entered: entered.clone(),
+        released,
+    };
+    let runtime = Arc::new(
+        Runtime::start_with_tools(config, vec![Arc::new(held)])
+            .await
+            .unwrap(),
+    );
     register(runtime.store(), &folder, None).await;
     let mut heldout = ws.questions.iter().filter(|q| q.split == Split::Heldout);
     let (first_q, second_q) = (heldout.next().unwrap(), heldout.next().unwrap());
@@ -136,9 +185,12 @@ async fn a_real_swap_mid_episode_then_a_restart_serve_what_the_registry_says() {
             (t, Instant::now())
         })
     };
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::timeout(Duration::from_secs(120), entered.notified())
+        .await
+        .expect("the first episode never searched");
     let swap = runtime.promote(1).await.unwrap();
     let swapped_at = Instant::now();
+    release.send(true).unwrap();
     assert_eq!((swap.from, swap.to), (None, Some(1)));
     let second = runtime.run(ws.request(second_q, 2)).await.unwrap();
     let (first, first_done) = first.await.unwrap();

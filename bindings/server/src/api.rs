@@ -9,7 +9,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use searchloop_core::{EpisodeEnd, SamplingParams, ToolCallRecord};
-use searchloop_store_sql::{FeedbackOutcome, StoreError};
+use searchloop_runtime::{RoundReport, RuntimeError};
+use searchloop_store_sql::{AdapterRecord, FeedbackOutcome, StoreError};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Highest sampling temperature a request may ask for: beyond it a model's output is noise,
@@ -128,6 +129,43 @@ pub struct HealthResponse {
     pub in_flight: u64,
 }
 
+/// Body of `GET /v1/adapters`: the registry, oldest first, and what this process serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptersResponse {
+    /// The adapter version serving new episodes here; `null` for the base model.
+    pub serving_version: Option<u64>,
+    /// Every registered adapter.
+    pub adapters: Vec<AdapterRecord>,
+}
+
+/// Body of `POST /v1/adapters/rollback` (the body may also be empty).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The formerly promoted (superseded) version to return to; by default the one promoted
+    /// before the current one, or the base model when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+}
+
+/// Body of `GET /v1/train`, and of the `202` answer to `POST /v1/train`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainStatus {
+    /// Whether a round started over HTTP is running.
+    pub running: bool,
+    /// How the last round started over HTTP ended; `null` before the first has ended.
+    pub last: Option<LastRound>,
+}
+
+/// How a round started over HTTP ended: its report, or the error that stopped it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastRound {
+    /// What the round did (candidate, scores, the gate's verdict, the swap).
+    pub report: Option<RoundReport>,
+    /// Why it failed, when it did.
+    pub error: Option<String>,
+}
+
 /// The body of every error response: `{"error": {"code": ..., "message": ...}}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -215,6 +253,36 @@ impl ApiError {
         }
     }
 
+    /// A failure of the learning loop or the adapter registry, by kind.
+    pub fn from_runtime(error: RuntimeError) -> Self {
+        match error {
+            RuntimeError::UnknownAdapter(_) => {
+                Self::new(StatusCode::NOT_FOUND, "unknown_adapter", error.to_string())
+            }
+            RuntimeError::Adapter(_) => {
+                Self::new(StatusCode::CONFLICT, "adapter_refused", error.to_string())
+            }
+            RuntimeError::RoundBusy => Self::round_busy(),
+            RuntimeError::Config(_) => Self::learning_unavailable(error.to_string()),
+            RuntimeError::Store(store) => Self::from_store(store),
+            other => Self::internal("learning_failed", other.to_string()),
+        }
+    }
+
+    /// 409: a training round is already running.
+    pub fn round_busy() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "round_busy",
+            "a training round is already running; rounds run one at a time",
+        )
+    }
+
+    /// 409: this server cannot train or change adapters (no runtime, or no `[learn]` config).
+    pub fn learning_unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "learning_unavailable", message)
+    }
+
     fn store_unavailable(message: String) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -293,6 +361,34 @@ where
                 )
             }
         })
+    }
+}
+
+/// A JSON body that may be left out: a request with no body and no Content-Type gets
+/// `T::default()`; any other request is read as a [`JsonBody`].
+#[derive(Debug, Clone)]
+pub struct JsonBodyOrDefault<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBodyOrDefault<T>
+where
+    T: DeserializeOwned + Default,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let headers = request.headers();
+        let no_body = !headers.contains_key(header::CONTENT_TYPE)
+            && !headers.contains_key(header::TRANSFER_ENCODING)
+            && headers
+                .get(header::CONTENT_LENGTH)
+                .is_none_or(|length| length.as_bytes() == b"0");
+        if no_body {
+            return Ok(Self(T::default()));
+        }
+        JsonBody::from_request(request, state)
+            .await
+            .map(|JsonBody(body)| Self(body))
     }
 }
 

@@ -5,8 +5,12 @@
 //! | `POST /v1/ask` | runs one episode: `{question, temperature?, top_p?, top_k?, seed?}` → answer, trajectory id, tool calls, latency, adapter version |
 //! | `POST /v1/feedback` | adds a host reward to a trajectory: `{trajectory_id, source, value, weight?, idempotency_key?}` |
 //! | `GET /v1/trajectories/{id}` | the stored trajectory with its reward ledger |
+//! | `GET /v1/adapters` | the adapter registry and the version serving here |
+//! | `POST /v1/adapters/{v}/promote` | promotes adapter `v` and swaps it in (episodes in flight finish on the old model) |
+//! | `POST /v1/adapters/rollback` | returns to an earlier promoted adapter: `{to?}` or an empty body |
+//! | `POST /v1/train` | starts a training round with its eval gate in the background (202); `GET /v1/train` tells how the last one ended |
 //! | `GET /healthz` | 200 while serving, 503 once shutdown has begun (always open) |
-//! | `GET /metrics` | Prometheus text: requests and latencies per route and status, episodes, tool calls and errors, generated tokens, feedback, store counts |
+//! | `GET /metrics` | Prometheus text: requests and latencies per route and status, episodes, tool calls and errors, generated tokens, feedback, store counts, and (over a runtime) training rounds, gate decisions and adapter swaps |
 //!
 //! `API.md` beside this crate's manifest gives the JSON schema of every body.
 //!

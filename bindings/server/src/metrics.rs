@@ -17,6 +17,7 @@ use std::{
 };
 
 use searchloop_core::{EpisodeEnd, SegmentKind, Trajectory};
+use searchloop_runtime::LoopMetrics;
 use searchloop_store_sql::{FeedbackOutcome, SourceCount, StoreStats};
 
 /// Upper bounds (seconds) of the latency histogram buckets: from a health check (~1 ms) to a
@@ -320,6 +321,93 @@ impl Metrics {
         render_store(&mut out, store);
         out
     }
+}
+
+/// Appends the learning loop's figures: rounds by outcome, the gate's decisions, swaps by kind,
+/// and the durations of the last round and the last swap's model load.
+pub fn render_loop(out: &mut String, m: &LoopMetrics) {
+    header(
+        out,
+        "searchloop_training_rounds_total",
+        "counter",
+        "Training rounds of this process, by outcome (started counts every round begun).",
+    );
+    for (outcome, n) in [
+        ("started", m.rounds_started),
+        ("completed", m.rounds_completed),
+        ("failed", m.rounds_failed),
+        ("cancelled", m.rounds_cancelled),
+    ] {
+        let _ = writeln!(
+            out,
+            "searchloop_training_rounds_total{{outcome=\"{outcome}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        "searchloop_training_round_running",
+        "gauge",
+        "1 while a training round runs, else 0.",
+    );
+    let _ = writeln!(
+        out,
+        "searchloop_training_round_running {}",
+        u8::from(m.round_running)
+    );
+    header(
+        out,
+        "searchloop_training_last_round_seconds",
+        "gauge",
+        "Wall time of the last finished round, eval gate included.",
+    );
+    let _ = writeln!(
+        out,
+        "searchloop_training_last_round_seconds {}",
+        m.last_round_ms as f64 / 1e3
+    );
+    header(
+        out,
+        "searchloop_gate_decisions_total",
+        "counter",
+        "Candidates judged by the eval gate, by decision.",
+    );
+    for (decision, n) in [
+        ("promoted", m.candidates_promoted),
+        ("rejected", m.candidates_rejected),
+    ] {
+        let _ = writeln!(
+            out,
+            "searchloop_gate_decisions_total{{decision=\"{decision}\"}} {n}"
+        );
+    }
+    header(
+        out,
+        "searchloop_adapter_swaps_total",
+        "counter",
+        "Served-model swaps in this process, by kind (sync: following a change another process \
+         made to the registry).",
+    );
+    let manual_rollbacks = m.rollbacks.saturating_sub(m.auto_rollbacks);
+    let syncs = m.swaps.saturating_sub(m.promotions + m.rollbacks);
+    for (kind, n) in [
+        ("promotion", m.promotions),
+        ("rollback", manual_rollbacks),
+        ("auto_rollback", m.auto_rollbacks),
+        ("sync", syncs),
+    ] {
+        let _ = writeln!(out, "searchloop_adapter_swaps_total{{kind=\"{kind}\"}} {n}");
+    }
+    header(
+        out,
+        "searchloop_adapter_last_swap_load_seconds",
+        "gauge",
+        "Time to load the model of the last swap.",
+    );
+    let _ = writeln!(
+        out,
+        "searchloop_adapter_last_swap_load_seconds {}",
+        m.last_swap_load_ms as f64 / 1e3
+    );
 }
 
 fn render_store(out: &mut String, store: &StoreSnapshot) {

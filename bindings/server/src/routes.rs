@@ -1,4 +1,4 @@
-//! The router: the five endpoints, and the layers around them (metrics outermost, then the
+//! The router: the endpoints, and the layers around them (metrics outermost, then the
 //! request time limit, then the API key check on protected routes, then the body limit).
 
 use std::{
@@ -15,15 +15,16 @@ use axum::{
     routing::{get, post},
 };
 use searchloop_core::{AgentConfig, EpisodeRequest, Trajectory, tool::truncate_chars};
+use searchloop_runtime::{Runtime, SwapReport};
 use searchloop_store_sql::FeedbackInput;
 
 use crate::{
     api::{
-        ApiError, AskRequest, AskResponse, FeedbackRequest, FeedbackResponse, HealthResponse,
-        JsonBody,
+        AdaptersResponse, ApiError, AskRequest, AskResponse, FeedbackRequest, FeedbackResponse,
+        HealthResponse, JsonBody, JsonBodyOrDefault, LastRound, RollbackRequest, TrainStatus,
     },
     config::{ApiKey, ServerConfig},
-    metrics::StoreSnapshot,
+    metrics::{StoreSnapshot, render_loop},
     state::AppState,
 };
 
@@ -38,6 +39,10 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
         .route("/v1/ask", post(ask))
         .route("/v1/feedback", post(feedback))
         .route("/v1/trajectories/{id}", get(trajectory))
+        .route("/v1/adapters", get(adapters))
+        .route("/v1/adapters/{version}/promote", post(promote))
+        .route("/v1/adapters/rollback", post(rollback))
+        .route("/v1/train", post(train).get(train_status))
         .route("/metrics", get(metrics));
     if let Some(key) = &config.api_key {
         protected = protected.route_layer(middleware::from_fn_with_state(
@@ -152,6 +157,107 @@ async fn trajectory(
     }
 }
 
+/// The runtime behind adapter and training requests; a server over a bare agent has none.
+fn runtime_of(state: &AppState) -> Result<Arc<Runtime>, ApiError> {
+    state.runtime().cloned().ok_or_else(|| {
+        ApiError::learning_unavailable(
+            "this server runs a bare agent, without the runtime that owns adapters and training",
+        )
+    })
+}
+
+/// `GET /v1/adapters`: the adapter registry and the version serving here.
+async fn adapters(State(state): State<AppState>) -> Result<Json<AdaptersResponse>, ApiError> {
+    let runtime = runtime_of(&state)?;
+    let adapters = runtime.adapters().await.map_err(ApiError::from_runtime)?;
+    Ok(Json(AdaptersResponse {
+        serving_version: runtime.loop_metrics().serving_version,
+        adapters,
+    }))
+}
+
+/// `POST /v1/adapters/{version}/promote`: promotes a candidate (or superseded) adapter and
+/// swaps it in; episodes in flight finish on the model they started with.
+async fn promote(
+    State(state): State<AppState>,
+    version: Result<Path<u64>, PathRejection>,
+) -> Result<Json<SwapReport>, ApiError> {
+    let Path(version) = version.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_version",
+            format!(
+                "the adapter version must be a whole number: {}",
+                e.body_text()
+            ),
+        )
+    })?;
+    let runtime = runtime_of(&state)?;
+    let swap = runtime
+        .promote(version)
+        .await
+        .map_err(ApiError::from_runtime)?;
+    Ok(Json(swap))
+}
+
+/// `POST /v1/adapters/rollback`: returns to an earlier promoted adapter (or the base model).
+async fn rollback(
+    State(state): State<AppState>,
+    JsonBodyOrDefault(request): JsonBodyOrDefault<RollbackRequest>,
+) -> Result<Json<SwapReport>, ApiError> {
+    let runtime = runtime_of(&state)?;
+    let swap = runtime
+        .rollback(request.to)
+        .await
+        .map_err(ApiError::from_runtime)?;
+    Ok(Json(swap))
+}
+
+/// `POST /v1/train`: starts a training round (with its eval gate) in the background and
+/// answers 202 at once, since a round takes minutes; `GET /v1/train` tells how it ended.
+async fn train(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let runtime = runtime_of(&state)?;
+    if state.is_shutting_down() {
+        return Err(ApiError::shutting_down(
+            "the server is shutting down and starts no training round",
+        ));
+    }
+    if !runtime.learning_configured() {
+        return Err(ApiError::learning_unavailable(
+            "training needs a [learn] section in the server's config",
+        ));
+    }
+    if runtime.loop_metrics().round_running || !state.claim_round() {
+        return Err(ApiError::round_busy());
+    }
+    let background = state.clone();
+    tokio::spawn(async move {
+        let last = match runtime.train_now().await {
+            Ok(report) => LastRound {
+                report: Some(report),
+                error: None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "training round started over HTTP failed");
+                LastRound {
+                    report: None,
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        background.round_finished(last);
+    });
+    let (running, last) = state.rounds();
+    Ok((StatusCode::ACCEPTED, Json(TrainStatus { running, last })).into_response())
+}
+
+/// `GET /v1/train`: whether a round started over HTTP runs, and how the last one ended.
+async fn train_status(State(state): State<AppState>) -> Result<Json<TrainStatus>, ApiError> {
+    runtime_of(&state)?;
+    let (running, last) = state.rounds();
+    Ok(Json(TrainStatus { running, last }))
+}
+
 /// `GET /healthz`: 200 while serving, 503 once shutdown has begun.
 async fn healthz(State(state): State<AppState>) -> Response {
     let policy = state.agent().policy().current();
@@ -181,9 +287,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         }
     };
     let policy = state.agent().policy().current();
-    let text = state
+    let mut text = state
         .metrics()
         .render(policy.model_id(), policy.adapter_version(), &snapshot);
+    if let Some(runtime) = state.runtime() {
+        render_loop(&mut text, &runtime.loop_metrics());
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -1,7 +1,7 @@
 //! What every request handler shares: the agent, the store, the metrics, and the shutdown state.
 
 use std::sync::{
-    Arc,
+    Arc, Mutex, PoisonError,
     atomic::{AtomicBool, Ordering},
 };
 
@@ -10,7 +10,7 @@ use searchloop_runtime::Runtime;
 use searchloop_store_sql::Store;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{api::LastRound, metrics::Metrics};
 
 /// Where the agent lives: shared on its own, or inside a started [`Runtime`] (which owns it).
 enum AgentSource {
@@ -24,6 +24,14 @@ struct Shared {
     metrics: Metrics,
     shutting_down: AtomicBool,
     abandon: CancellationToken,
+    rounds: RoundTracker,
+}
+
+/// The training rounds started over HTTP: whether one is on its way, and how the last ended.
+#[derive(Default)]
+struct RoundTracker {
+    pending: AtomicBool,
+    last: Mutex<Option<LastRound>>,
 }
 
 /// The state of one server: cheap to clone, every clone sees the same agent, store and metrics.
@@ -65,6 +73,7 @@ impl AppState {
                 metrics: Metrics::default(),
                 shutting_down: AtomicBool::new(false),
                 abandon: CancellationToken::new(),
+                rounds: RoundTracker::default(),
             }),
         }
     }
@@ -75,6 +84,47 @@ impl AppState {
             AgentSource::Agent(agent) => agent,
             AgentSource::Runtime(runtime) => runtime.agent(),
         }
+    }
+
+    /// The runtime, when the server runs over one (adapters and training need it).
+    pub fn runtime(&self) -> Option<&Arc<Runtime>> {
+        match &self.shared.agent {
+            AgentSource::Agent(_) => None,
+            AgentSource::Runtime(runtime) => Some(runtime),
+        }
+    }
+
+    /// Claims the right to start a round over HTTP; `false` while one started here is still
+    /// running. [`AppState::round_finished`] gives it back.
+    pub(crate) fn claim_round(&self) -> bool {
+        self.shared
+            .rounds
+            .pending
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Records how the round started over HTTP ended, and lets the next one start.
+    pub(crate) fn round_finished(&self, last: LastRound) {
+        *self
+            .shared
+            .rounds
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(last);
+        self.shared.rounds.pending.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a round started over HTTP is running, and how the last one ended.
+    pub(crate) fn rounds(&self) -> (bool, Option<LastRound>) {
+        let last = self
+            .shared
+            .rounds
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        (self.shared.rounds.pending.load(Ordering::SeqCst), last)
     }
 
     /// The trajectory store.

@@ -905,3 +905,264 @@ async fn the_real_model_answers_over_http() {
     assert!(metric(&text, "searchloop_tokens_generated_total") > 0.0);
     server.stop().await.unwrap();
 }
+
+/// Loads scripted models that record the adapter version they were loaded for, so a swap shows
+/// in every answer without loading real weights.
+struct ScriptedLoader;
+
+#[async_trait::async_trait]
+impl searchloop_runtime::PolicyLoader for ScriptedLoader {
+    async fn load(
+        &self,
+        _merged: Option<&std::path::Path>,
+        version: Option<u64>,
+    ) -> searchloop_runtime::Result<Arc<dyn searchloop_core::Policy>> {
+        Ok(Arc::new(
+            searchloop_core::scripted::ScriptedPolicy::new(support::script)
+                .with_adapter_version(version),
+        ))
+    }
+}
+
+/// A round that waits until the test releases it, then fails the way a broken round does.
+struct HeldRound {
+    release: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl searchloop_runtime::scheduler::RoundRunner for HeldRound {
+    async fn run(
+        &self,
+        _job: &searchloop_runtime::scheduler::RoundJob,
+    ) -> searchloop_runtime::Result<searchloop_runtime::scheduler::RoundCandidate> {
+        let mut release = self.release.clone();
+        let _ = release.wait_for(|r| *r).await;
+        Err(searchloop_runtime::RuntimeError::Adapter(
+            "the stand-in round trains nothing".into(),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_promotion_rollback_and_training_over_http() {
+    use searchloop_runtime::{Runtime, SchedulerConfig};
+    use searchloop_store_sql::NewAdapter;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut config, _) = support::retail_config(dir.path());
+    let mut learn = SchedulerConfig {
+        adapters_dir: dir.path().join("adapters"),
+        ..SchedulerConfig::default()
+    };
+    learn.eval.set = dir.path().join("data").join("questions.jsonl");
+    learn.eval.questions = 2;
+    config.learn = Some(learn);
+    let runtime = Arc::new(
+        Runtime::start_with(config, Vec::new(), Arc::new(ScriptedLoader))
+            .await
+            .unwrap(),
+    );
+    let (release, released) = tokio::sync::watch::channel(false);
+    runtime.set_round_runner(Arc::new(HeldRound { release: released }));
+    for version in 1..=2 {
+        let folder = dir.path().join(format!("adapter-{version}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join(searchloop_runtime::adapters::MERGED_FILE), b"").unwrap();
+        runtime
+            .store()
+            .register_adapter(NewAdapter {
+                content_hash: format!("hash-{version}"),
+                parent_version: None,
+                path: folder.display().to_string(),
+                training_config: json!({}),
+                metrics_summary: json!({}),
+                created_at: None,
+            })
+            .await
+            .unwrap();
+    }
+    let store = runtime.store().clone();
+    let state = AppState::from_runtime(runtime);
+    let server = TestServer::serve(state, store, ServerConfig::default(), dir).await;
+    let client = Client::new();
+    let post = |path: &str| client.post(server.url(path));
+
+    let listing: Value = client
+        .get(server.url("/v1/adapters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["serving_version"], Value::Null);
+    let statuses: Vec<&str> = listing["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["candidate", "candidate"]);
+
+    let swap: Value = post("/v1/adapters/1/promote")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((&swap["from"], &swap["to"]), (&Value::Null, &json!(1)));
+    let answer = ask(&client, &server, json!({"question": "red bags?"})).await;
+    assert_eq!(answer.adapter_version, Some(1));
+    let swap: Value = post("/v1/adapters/2/promote")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!((&swap["from"], &swap["to"]), (&json!(1), &json!(2)));
+    // No body at all: back to the adapter promoted before.
+    let response = post("/v1/adapters/rollback").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let swap: Value = response.json().await.unwrap();
+    assert_eq!((&swap["from"], &swap["to"]), (&json!(2), &json!(1)));
+    let answer = ask(&client, &server, json!({"question": "red bags?"})).await;
+    assert_eq!(answer.adapter_version, Some(1));
+
+    // Bad requests get their 4xx and change nothing.
+    let cases = [
+        (
+            "/v1/adapters/99/promote",
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_adapter",
+        ),
+        (
+            "/v1/adapters/two/promote",
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_version",
+        ),
+        (
+            "/v1/adapters/2/promote",
+            None,
+            StatusCode::CONFLICT,
+            "adapter_refused",
+        ),
+        (
+            "/v1/adapters/rollback",
+            Some(json!({"to": 99})),
+            StatusCode::NOT_FOUND,
+            "unknown_adapter",
+        ),
+        (
+            "/v1/adapters/rollback",
+            Some(json!({"to": "one"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            "/v1/adapters/rollback",
+            Some(json!({"version": 1})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let request = match body {
+            Some(body) => post(path).json(&body),
+            None => post(path),
+        };
+        expect_error(request.send().await.unwrap(), status, code).await;
+    }
+    let listing: Value = client
+        .get(server.url("/v1/adapters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listing["serving_version"], json!(1));
+
+    // Training: 202 at once, 409 while the round runs, its failure reported when it ends.
+    let response = post("/v1/train").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let started: Value = response.json().await.unwrap();
+    assert_eq!(started["running"], json!(true));
+    expect_error(
+        post("/v1/train").send().await.unwrap(),
+        StatusCode::CONFLICT,
+        "round_busy",
+    )
+    .await;
+    release.send(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status: Value = client
+            .get(server.url("/v1/train"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["running"] == json!(false) {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the round never ended: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = status["last"]["error"].as_str().unwrap();
+    assert!(error.contains("trains nothing"), "{error}");
+    assert_eq!(status["last"]["report"], Value::Null);
+
+    let text = client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&text, "searchloop_adapter_swaps_total{kind=\"promotion\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&text, "searchloop_adapter_swaps_total{kind=\"rollback\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "searchloop_training_rounds_total{outcome=\"failed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(metric(&text, "searchloop_training_round_running"), 0.0);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_a_runtime_refuses_learning_requests() {
+    let server = TestServer::start(ServerConfig::default(), Duration::ZERO).await;
+    let client = Client::new();
+    let requests = [
+        client.get(server.url("/v1/adapters")),
+        client.post(server.url("/v1/adapters/1/promote")),
+        client.post(server.url("/v1/adapters/rollback")),
+        client.post(server.url("/v1/train")),
+        client.get(server.url("/v1/train")),
+    ];
+    for request in requests {
+        expect_error(
+            request.send().await.unwrap(),
+            StatusCode::CONFLICT,
+            "learning_unavailable",
+        )
+        .await;
+    }
+    server.stop().await.unwrap();
+}

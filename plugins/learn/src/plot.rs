@@ -143,40 +143,92 @@ impl Curves {
 /// Draws the curves of `metrics` files into `out`, an `.svg` or `.png` file.
 pub fn plot_metrics(metrics: &[PathBuf], out: &Path) -> Result<Curves> {
     let curves = Curves::read(metrics)?;
-    let plot_error = |reason: String| LearnError::Plot {
-        path: out.to_path_buf(),
-        reason,
-    };
-    let size = (1500, 1200);
-    match out.extension().and_then(|e| e.to_str()) {
-        Some("svg") => draw(&SVGBackend::new(out, size).into_drawing_area(), &curves),
-        Some("png") => draw(&BitMapBackend::new(out, size).into_drawing_area(), &curves),
-        _ => Err("the output file must end in .svg or .png".to_string()),
-    }
-    .map_err(plot_error)?;
+    let panels: Vec<Panel> = PANELS
+        .iter()
+        .map(|(title, names)| Panel {
+            title: (*title).to_string(),
+            x_label: "step".to_string(),
+            series: names
+                .iter()
+                .map(|name| Series {
+                    label: (*name).to_string(),
+                    points: curves.points(name).to_vec(),
+                })
+                .collect(),
+        })
+        .collect();
+    draw_panels(&panels, (3, 3), curves.steps.max(2) as f64, out)?;
     Ok(curves)
 }
 
-fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, curves: &Curves) -> Result<(), String> {
+/// One labelled curve of a panel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// The legend's name for it.
+    pub label: String,
+    /// Its points, in x order; none draws nothing.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One chart: a title, the x axis's name, and its curves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    /// The caption.
+    pub title: String,
+    /// The x axis's name.
+    pub x_label: String,
+    /// The curves, each in its own colour.
+    pub series: Vec<Series>,
+}
+
+/// Draws `panels` on a `(rows, columns)` grid into `out` (`.svg` or `.png`), every x axis
+/// running from 1 to `x_max`: the comparison plots of benchmarks (one curve per run, one point
+/// per round) use it as the metrics plot does.
+pub fn draw_panels(panels: &[Panel], grid: (usize, usize), x_max: f64, out: &Path) -> Result<()> {
+    let size = (500 * grid.1.max(1) as u32, 400 * grid.0.max(1) as u32);
+    match out.extension().and_then(|e| e.to_str()) {
+        Some("svg") => draw(
+            &SVGBackend::new(out, size).into_drawing_area(),
+            panels,
+            grid,
+            x_max,
+        ),
+        Some("png") => draw(
+            &BitMapBackend::new(out, size).into_drawing_area(),
+            panels,
+            grid,
+            x_max,
+        ),
+        _ => Err("the output file must end in .svg or .png".to_string()),
+    }
+    .map_err(|reason| LearnError::Plot {
+        path: out.to_path_buf(),
+        reason,
+    })
+}
+
+fn draw<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    panels: &[Panel],
+    grid: (usize, usize),
+    x_max: f64,
+) -> Result<(), String> {
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let areas = root.split_evenly((3, 3));
-    let x_max = curves.steps.max(2) as f64;
-    for (area, (title, names)) in areas.iter().zip(PANELS) {
-        panel(area, title, names, curves, x_max).map_err(|e| format!("panel '{title}': {e}"))?;
+    let areas = root.split_evenly(grid);
+    for (area, p) in areas.iter().zip(panels) {
+        panel(area, p, x_max.max(2.0)).map_err(|e| format!("panel '{}': {e}", p.title))?;
     }
     root.present().map_err(|e| e.to_string())
 }
 
 fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
-    title: &str,
-    names: &[&str],
-    curves: &Curves,
+    p: &Panel,
     x_max: f64,
 ) -> Result<(), String> {
-    let (lo, hi) = y_range(names.iter().flat_map(|n| curves.points(n)).map(|p| p.1));
+    let (lo, hi) = y_range(p.series.iter().flat_map(|s| &s.points).map(|p| p.1));
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 18))
+        .caption(&p.title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(28)
         .y_label_area_size(56)
@@ -184,30 +236,34 @@ fn panel<DB: DrawingBackend>(
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(p.x_label.as_str())
         .max_light_lines(2)
         .draw()
         .map_err(|e| e.to_string())?;
-    for (k, name) in names.iter().enumerate() {
-        let points = curves.points(name);
-        if points.is_empty() {
+    for (k, series) in p.series.iter().enumerate() {
+        if series.points.is_empty() {
             continue;
         }
         let color = Palette99::pick(k).to_rgba();
         chart
             .draw_series(LineSeries::new(
-                points.iter().copied(),
+                series.points.iter().copied(),
                 color.stroke_width(2),
             ))
             .map_err(|e| e.to_string())?
-            .label(*name)
+            .label(series.label.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
         // Single points (one step, one round) are invisible as lines.
         chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 2, color.filled())))
+            .draw_series(
+                series
+                    .points
+                    .iter()
+                    .map(|&p| Circle::new(p, 2, color.filled())),
+            )
             .map_err(|e| e.to_string())?;
     }
-    if names.len() > 1 {
+    if p.series.len() > 1 {
         chart
             .configure_series_labels()
             .background_style(WHITE.mix(0.8))
@@ -290,5 +346,24 @@ mod tests {
         let empty = dir.path().join("empty.jsonl");
         std::fs::write(&empty, "").unwrap();
         assert!(Curves::read(&[empty]).is_err());
+    }
+
+    #[test]
+    fn comparison_panels_draw_one_labelled_curve_per_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("compare.svg");
+        let series = |label: &str, y: f64| Series {
+            label: label.to_string(),
+            points: vec![(1.0, y), (2.0, y + 0.1)],
+        };
+        let panels = [Panel {
+            title: "held-out EM".into(),
+            x_label: "round".into(),
+            series: vec![series("grpo", 0.2), series("sapo", 0.3)],
+        }];
+        draw_panels(&panels, (1, 1), 2.0, &out).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        assert!(text.contains("held-out EM") && text.contains("grpo") && text.contains("sapo"));
+        assert!(draw_panels(&panels, (1, 1), 2.0, &dir.path().join("x.jpg")).is_err());
     }
 }

@@ -101,13 +101,13 @@ impl Engine {
         let receiver = self
             .send(&request.prompt, request.max_tokens, recorder.clone())
             .await?;
-        let engine_finish = self.finish(receiver).await;
+        let engine_answer = self.finish(receiver).await;
         let recording = recorder.recording();
         // The recorder's own diagnosis is more precise than the engine's report of it.
         if let Some(error) = recording.error {
             return Err(ModelError::Generation(error));
         }
-        let engine_finish = engine_finish?;
+        let (engine_finish, engine_text) = engine_answer?;
         let finish = match recording.early_end {
             Some(EarlyEnd::StopString(stop)) => FinishReason::Stop(stop),
             Some(EarlyEnd::Cancelled) => {
@@ -129,6 +129,7 @@ impl Engine {
             }
         };
         let text = self.decode(&recording.tokens)?;
+        self.check_engine_text(&recording.tokens, &engine_text)?;
         Ok(Sample {
             tokens: recording.tokens,
             logprobs: recording.logprobs,
@@ -212,26 +213,55 @@ impl Engine {
     }
 
     /// Waits for the engine's answer to one request and returns its finish reason.
-    async fn finish(&self, mut receiver: mpsc::Receiver<Response>) -> Result<String> {
+    /// Compares the text mistral.rs generated (decoded incrementally from its own sequence)
+    /// with the text of the recorded ids, and counts the outcome: the two agree exactly when
+    /// the engine's sequence is the recorded one. The engine's text drops leading whitespace
+    /// and may omit the end-of-sequence marker, so both sides are compared without them.
+    fn check_engine_text(&self, tokens: &[u32], engine_text: &str) -> Result<()> {
+        let body = match tokens.split_last() {
+            Some((last, body)) if self.eos_tokens.contains(last) => body,
+            _ => tokens,
+        };
+        let ours = self.decode(body)?;
+        let mut theirs = engine_text;
+        for eos in &self.eos_tokens {
+            let marker = self.decode(&[*eos])?;
+            if !marker.is_empty() {
+                theirs = theirs.strip_suffix(marker.as_str()).unwrap_or(theirs);
+            }
+        }
+        if ours.trim_start() == theirs.trim_start() {
+            self.counters.texts_matched.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.counters
+                .texts_differing
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                recorded = %ours,
+                engine = %engine_text,
+                "the engine's text differs from the text of the recorded token ids"
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits for the engine's answer: its finish reason and the text it generated.
+    async fn finish(&self, mut receiver: mpsc::Receiver<Response>) -> Result<(String, String)> {
         let response = receiver
             .recv()
             .await
             .ok_or_else(|| ModelError::Generation("the engine dropped the request".into()))?;
         match response {
             Response::CompletionDone(done) => {
-                let finish = done
-                    .choices
-                    .first()
-                    .map(|choice| choice.finish_reason.clone())
-                    .ok_or_else(|| {
-                        ModelError::Generation("the engine returned no choice".into())
-                    })?;
-                if finish == "canceled" {
+                let choice = done.choices.into_iter().next().ok_or_else(|| {
+                    ModelError::Generation("the engine returned no choice".into())
+                })?;
+                if choice.finish_reason == "canceled" {
                     return Err(ModelError::Generation(
                         "the engine canceled the request".into(),
                     ));
                 }
-                Ok(finish)
+                Ok((choice.finish_reason, choice.text))
             }
             Response::CompletionModelError(message, _) => Err(ModelError::Generation(message)),
             Response::InternalError(error) | Response::ValidationError(error) => {

@@ -44,6 +44,11 @@ pub struct SamplerStats {
     /// Samples whose first step saw only the uncached tail of the prompt: the engine reused
     /// the KV cache of an earlier sequence sharing the prompt's beginning.
     pub prefix_cache_hits: u64,
+    /// Samples whose recorded ids decode to exactly the text mistral.rs generated itself.
+    pub texts_matched: u64,
+    /// Samples whose recorded ids decode to a different text than mistral.rs generated (never,
+    /// unless the engine's sequence departed from the recorded one).
+    pub texts_differing: u64,
 }
 
 /// A GGUF model served by mistral.rs.
@@ -312,6 +317,8 @@ impl MistralRsPolicy {
             redraws: counters.redraws.load(Ordering::Relaxed),
             forced_ends: counters.forced_ends.load(Ordering::Relaxed),
             prefix_cache_hits: counters.tail_contexts.load(Ordering::Relaxed),
+            texts_matched: counters.texts_matched.load(Ordering::Relaxed),
+            texts_differing: counters.texts_differing.load(Ordering::Relaxed),
         }
     }
 

@@ -35,6 +35,10 @@ pub(crate) struct RecorderCounters {
     /// First steps whose context was only the uncached tail of the prompt (a prefix-cache
     /// hit).
     pub tail_contexts: AtomicU64,
+    /// Samples whose recorded ids decode to the text the engine generated.
+    pub texts_matched: AtomicU64,
+    /// Samples whose recorded ids decode to anything else.
+    pub texts_differing: AtomicU64,
 }
 
 /// Why a recorder stopped choosing tokens before the engine stopped calling it.

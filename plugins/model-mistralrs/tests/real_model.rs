@@ -141,11 +141,18 @@ fn assert_consistent(policy: &MistralRsPolicy, sample: &Sample) {
 async fn samples_decode_to_their_text_with_one_logprob_per_token() {
     let policy = policy().await;
     let prompt = question_prompt(&policy, "What is the capital of France?");
+    let before = policy.sampler_stats();
     let samples = policy
         .sample(&prompt, &params(1.0, 40, 7), 4)
         .await
         .unwrap();
     assert_eq!(samples.len(), 4);
+    // mistral.rs decoded its own generated sequence incrementally; for every sample that text
+    // is the text of the recorded ids, so the ids are the tokens the engine generated. (The
+    // policy is shared with the other tests of this file, so the counts include theirs.)
+    let stats = policy.sampler_stats();
+    assert!(stats.texts_matched >= before.texts_matched + 4, "{stats:?}");
+    assert_eq!(stats.texts_differing, 0, "{stats:?}");
     for sample in &samples {
         assert_consistent(&policy, sample);
         assert!(!sample.tokens.is_empty());
@@ -322,8 +329,12 @@ async fn stop_strings_end_generation_right_after_the_completing_token() {
     assert_eq!(stopped.tokens, free.tokens[..6]);
     assert_eq!(stopped.text, stop);
     assert!(stopped.text.ends_with(&stop));
-    // The engine ran one more step, which the recorder answered with end-of-sequence.
-    assert!(policy.sampler_stats().forced_ends > before.forced_ends);
+    // The engine ran one more step, which the recorder answered with end-of-sequence; its own
+    // text is still the recorded ids' text.
+    let stats = policy.sampler_stats();
+    assert!(stats.forced_ends > before.forced_ends);
+    assert!(stats.texts_matched > before.texts_matched, "{stats:?}");
+    assert_eq!(stats.texts_differing, 0, "{stats:?}");
 
     // A stop string inside the greedy text that ends within a token.
     let tail: String = free.text.chars().skip(3).take(4).collect();

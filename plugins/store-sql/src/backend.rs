@@ -15,6 +15,8 @@ use std::path::PathBuf;
 
 use sqlx::{PgPool, SqlitePool};
 
+use crate::open_files::OpenFile;
+
 /// The pools of one open store.
 #[derive(Debug)]
 pub(crate) enum Backend {
@@ -29,6 +31,8 @@ pub(crate) enum Backend {
         read: SqlitePool,
         /// The single connection for writes.
         write: SqlitePool,
+        /// This store's claim on the file, held as long as its pools.
+        _claim: OpenFile,
     },
     /// A PostgreSQL schema.
     Postgres {

@@ -108,6 +108,7 @@ mod backend;
 mod codec;
 mod error;
 mod export;
+mod open_files;
 mod query;
 mod schema;
 mod store;

@@ -225,31 +225,39 @@ pub(crate) enum SqliteFileState {
     Ours,
 }
 
-/// Inspects an existing file without writing to it: the header bytes first (cheap, and clear
-/// for text files, random bytes and truncation), then the schema over a read-only connection,
-/// which never checkpoints or rewrites the file.
+/// Checks an existing file's bytes without SQLite: it is not a folder, and its 100-byte header
+/// is a SQLite header whose page count the file holds (cheap, and clear for text files, random
+/// bytes and truncation). This opens and closes the file, so it must not run while this process
+/// has SQLite connections on it (see [`crate::open_files`]).
+pub(crate) fn check_sqlite_file_bytes(path: &Path) -> Result<()> {
+    match sqlite_file_len(path)? {
+        Some(bytes) if bytes > 0 => check_sqlite_header(path, bytes),
+        _ => Ok(()),
+    }
+}
+
+/// The file's length, or `None` when there is no file; a folder is refused.
+fn sqlite_file_len(path: &Path) -> Result<Option<u64>> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(StoreError::InvalidLocation {
+            location: path.display().to_string(),
+            reason: "it is a directory".into(),
+        }),
+        Ok(meta) => Ok(Some(meta.len())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StoreError::Io {
+            context: format!("cannot read the metadata of {}", path.display()),
+            source,
+        }),
+    }
+}
+
+/// Inspects an existing file's schema over a read-only connection, which never checkpoints or
+/// rewrites the file. [`check_sqlite_file_bytes`] has vetted the bytes first.
 pub(crate) async fn inspect_sqlite_file(path: &Path) -> Result<SqliteFileState> {
-    let bytes = match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {
-            return Err(StoreError::InvalidLocation {
-                location: path.display().to_string(),
-                reason: "it is a directory".into(),
-            });
-        }
-        Ok(meta) => meta.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(SqliteFileState::New),
-        Err(source) => {
-            return Err(StoreError::Io {
-                context: format!("cannot read the metadata of {}", path.display()),
-                source,
-            });
-        }
-    };
-    if bytes == 0 {
+    if !sqlite_file_len(path)?.is_some_and(|bytes| bytes > 0) {
         return Ok(SqliteFileState::New);
     }
-    check_sqlite_header(path, bytes)?;
-
     let options = SqliteConnectOptions::new()
         .filename(path)
         .read_only(true)

@@ -18,7 +18,7 @@ use searchloop_core::{
 };
 use serde::{Deserialize, Serialize};
 use sqlx::{
-    Connection, SqliteConnection,
+    Connection, SqliteConnection, SqlitePool,
     postgres::{PgConnectOptions, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqlitePoolOptions, SqliteSynchronous},
 };
@@ -27,6 +27,7 @@ use crate::{
     backend::{Backend, col, on_read, on_write},
     codec,
     error::{DbContext, Result, StoreError},
+    open_files::OpenFile,
     schema,
 };
 
@@ -655,8 +656,8 @@ impl Store {
                 let _ = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                     .execute(write)
                     .await;
-                read.close().await;
-                write.close().await;
+                close_sqlite_pool(read).await;
+                close_sqlite_pool(write).await;
             }
             Backend::Postgres { pool, .. } => pool.close().await,
         }
@@ -936,6 +937,19 @@ impl TrajectorySink for Store {
     }
 }
 
+/// Closes `pool` and waits until its connections are gone. `Pool::close` can return while a
+/// connection handed back during its final wait still sits idle; closing again closes it, so
+/// that the file's SQLite handles are really released when [`Store::close`] returns.
+async fn close_sqlite_pool(pool: &SqlitePool) {
+    for _ in 0..100 {
+        pool.close().await;
+        if pool.size() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Hides the password of a connection URL, for error messages.
 fn redact(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
@@ -956,6 +970,7 @@ fn redact(url: &str) -> String {
 }
 
 async fn open_sqlite(path: &Path, options: &StoreOptions) -> Result<Backend> {
+    let claim = OpenFile::claim(path, || schema::check_sqlite_file_bytes(path))?;
     schema::inspect_sqlite_file(path).await?;
     let connect = SqliteConnectOptions::new()
         .filename(path)
@@ -988,6 +1003,7 @@ async fn open_sqlite(path: &Path, options: &StoreOptions) -> Result<Backend> {
         .map_err(open_error)?;
     Ok(Backend::Sqlite {
         path: PathBuf::from(path),
+        _claim: claim,
         read,
         write,
     })

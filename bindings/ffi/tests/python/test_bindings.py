@@ -266,3 +266,93 @@ def test_the_example_bot_answers_and_records_feedback(config_path, questions):
     assert f"customer: {question}" in result.stdout
     assert "bot:" in result.stdout
     assert "feedback recorded" in result.stdout, result.stdout
+
+
+def learn_config(workdir, tmp_path):
+    """The demo config plus a `[learn]` section small enough for CI: one prompt, two replay
+    episodes, one optimizer step, two held-out questions for the gate. The gate's margin lets
+    any candidate through that the ISDD alarm does not stop, so the promotion path always runs
+    (the Rust gate tests cover rejections)."""
+    questions = workdir / "data/questions.jsonl"
+    section = f"""
+[learn]
+adapters_dir = "{tmp_path / 'adapters'}"
+memory_cap_mb = 16000
+
+[learn.trigger]
+new_rewarded = 1000000
+
+[learn.eval]
+set = "{questions}"
+questions = 2
+
+[learn.gate]
+margin = 1.0
+
+[learn.round]
+source = "replay"
+prompts = "{questions}"
+group_size = 2
+prompts_per_round = 1
+threads = 1
+
+[learn.round.trainer]
+micro_batch_size = 1
+
+[learn.round.trainer.advantages]
+skip_zero_std_groups = false
+"""
+    # Beside the demo config, so its relative paths (index, inventory) still resolve.
+    path = workdir / f"learn-{tmp_path.name}.toml"
+    text = (workdir / "searchloop.toml").read_text(encoding="utf-8")
+    path.write_text(text + section, encoding="utf-8")
+    return str(path)
+
+
+def test_adapters_training_and_rollback(workdir, tmp_path):
+    options = searchloop.AgentOptions(
+        config_path=learn_config(workdir, tmp_path),
+        store_url=str(tmp_path / "learn.db"),
+    )
+    agent = searchloop.Agent(options)
+    assert run(agent.adapters()) == []
+    assert agent.serving_version() is None
+    with pytest.raises(searchloop.SearchloopError.Adapter, match="nothing is promoted"):
+        run(agent.rollback())
+    with pytest.raises(searchloop.SearchloopError.Adapter, match="no adapter v99"):
+        run(agent.promote(99))
+
+    summary = run(agent.train_now())
+    assert summary.candidate == 1 and summary.incumbent is None
+    assert summary.steps >= 1 and summary.train_ms > 0
+    assert json.loads(summary.report_json)["candidate"] == 1
+    [adapter] = run(agent.adapters())
+    assert adapter.version == 1 and adapter.parent_version is None
+    assert pathlib.Path(adapter.path, "adapter_model.safetensors").is_file()
+    assert summary.promoted, summary.rejection_reason
+    assert summary.candidate_em is not None and summary.incumbent_em is not None
+    assert adapter.status == "promoted"
+    assert agent.serving_version() == 1
+    answer = run(agent.ask("Which bags are red?"))
+    assert run(agent.trajectory(answer.trajectory_id)).adapter_version == 1
+    swap = run(agent.rollback())
+    assert (swap.from_version, swap.to_version) == (1, None)
+    assert agent.serving_version() is None
+    assert run(agent.adapters())[0].status == "rolled_back"
+
+
+def test_the_scheduler_attaches_only_with_a_learn_section(agent, workdir, tmp_path):
+    with pytest.raises(searchloop.SearchloopError.Config, match=r"\[learn\]"):
+        run(agent.attach_scheduler())
+    with pytest.raises(searchloop.SearchloopError.Config, match=r"\[learn\]"):
+        run(agent.train_now())
+    options = searchloop.AgentOptions(
+        config_path=learn_config(workdir, tmp_path),
+        store_url=str(tmp_path / "scheduled.db"),
+    )
+    learner = searchloop.Agent(options)
+    assert not learner.scheduler_attached()
+    run(learner.attach_scheduler())
+    assert learner.scheduler_attached()
+    run(learner.detach_scheduler())
+    assert not learner.scheduler_attached()
