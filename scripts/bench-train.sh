@@ -3,7 +3,7 @@
 #
 #   scripts/bench-train.sh [--threads N] [--group-size G] [--prompts P]
 #
-# 1. `cargo bench -p searchloop-learn --bench round` samples G episodes for each of P train
+# 1. the `round` bench of searchloop-learn samples G episodes for each of P train
 #    questions with the embedded model (mistral.rs, f32), trains one GRPO + SAPO pass over them,
 #    and dumps the trained batch;
 # 2. the same bench with `--train-batch` trains on that batch alone, in a process without the
@@ -34,16 +34,15 @@ log() { echo "bench-train.sh: $*" >&2; }
 
 scripts/torch-venv.sh
 
-model="${SEARCHLOOP_MODEL:-$(cargo run --release --locked -q -p searchloop-cli -- model fetch)}"
+round_bench="$(scripts/built-target.sh bench round)"
+model="${SEARCHLOOP_MODEL:-$("$(scripts/built-target.sh bin searchloop)" model fetch)}"
 batch="$(mktemp -d)/batch.json"
 
 log "round: rollouts with the serving model, then one training pass ($threads threads)"
-SEARCHLOOP_MODEL="$model" cargo bench --locked -p searchloop-learn --bench round -- \
-    --threads "$threads" --dump-batch "$batch" "${round_args[@]}"
+"$round_bench" --model "$model" --threads "$threads" --dump-batch "$batch" "${round_args[@]}"
 
 log "candle trainer alone on the dumped batch"
-SEARCHLOOP_MODEL="$model" cargo bench --locked -p searchloop-learn --bench round -- \
-    --threads "$threads" --train-batch "$batch"
+"$round_bench" --model "$model" --threads "$threads" --train-batch "$batch"
 
 log "PyTorch + PEFT peer on the same batch"
 "$venv/bin/python" plugins/learn/benches/torch_peer.py "$batch" --model "$model" --threads "$threads"

@@ -8,7 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked -p searchloop-ffi --lib --bin uniffi-bindgen
+# The same build as the test command's, so the library comes from the artifacts it already made:
+# a build of this crate alone would resolve dependency features differently and rebuild half the
+# tree.
+cargo build --release --locked --workspace --all-targets
 
 case "$(uname -s)" in
     Darwin) library=target/release/libsearchloop_ffi.dylib ;;

@@ -13,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/torch-venv.sh
-model="${SEARCHLOOP_MODEL:-$(cargo run --release --locked -q -p searchloop-cli -- model fetch)}"
+model="${SEARCHLOOP_MODEL:-$("$(scripts/built-target.sh bin searchloop)" model fetch)}"
 out="$(mktemp -d)"
-cargo run --release --locked -q -p searchloop-train-sapo --example peft_export -- "$model" "$out"
+"$(scripts/built-target.sh example peft_export)" "$model" "$out"
 .cache/torch-venv/bin/python plugins/train-sapo/examples/peft_check.py "$model" "$out"

@@ -25,7 +25,6 @@ for generated in \
     fi
 done
 
-# The tests prepare the demo work folder with the real command-line tool.
-cargo build --release --locked -p searchloop-cli --bin searchloop
-
+# The tests prepare the demo work folder with the real command-line tool, which the build in
+# scripts/bindings.sh made.
 PYTHONPATH=target/bindings/python .venv/bin/python -m pytest -q bindings/ffi/tests/python "$@"

@@ -41,6 +41,13 @@ pub struct AgentOptions {
     /// Sampling temperature of the model's turns (0 is greedy).
     #[uniffi(default = None)]
     pub temperature: Option<f32>,
+    /// Nucleus sampling: draw from the smallest set of tokens holding this much probability
+    /// (1 is off).
+    #[uniffi(default = None)]
+    pub top_p: Option<f32>,
+    /// Draw from the `top_k` most likely tokens only (0 is off).
+    #[uniffi(default = None)]
+    pub top_k: Option<u32>,
     /// Most tool-calling turns before the final, answer-only turn.
     #[uniffi(default = None)]
     pub max_turns: Option<u32>,
@@ -123,6 +130,12 @@ impl AgentOptions {
         if let Some(temperature) = self.temperature {
             config.agent.sampling.temperature = temperature;
         }
+        if let Some(top_p) = self.top_p {
+            config.agent.sampling.top_p = top_p;
+        }
+        if let Some(top_k) = self.top_k {
+            config.agent.sampling.top_k = top_k as usize;
+        }
         if let Some(max_turns) = self.max_turns {
             config.agent.protocol.max_turns = max_turns as usize;
         }
@@ -164,6 +177,8 @@ mod tests {
             default_tool: Some("more".into()),
             store_url: Some("sqlite://elsewhere.db".into()),
             temperature: Some(0.0),
+            top_p: Some(0.9),
+            top_k: Some(40),
             max_turns: Some(2),
             tool_timeout_ms: Some(500),
             ..AgentOptions::default()
@@ -185,6 +200,8 @@ mod tests {
         assert_eq!(config.default_tool.as_deref(), Some("more"));
         assert_eq!(config.store.url, "sqlite://elsewhere.db");
         assert_eq!(config.agent.sampling.temperature, 0.0);
+        assert_eq!(config.agent.sampling.top_p, 0.9);
+        assert_eq!(config.agent.sampling.top_k, 40);
         assert_eq!(config.agent.protocol.max_turns, 2);
         assert_eq!(config.tool_limits.timeout_ms, 500);
     }

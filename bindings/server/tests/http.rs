@@ -115,6 +115,16 @@ async fn ask(client: &Client, server: &TestServer, body: Value) -> AskResponse {
 }
 
 /// The value of an unlabelled or labelled sample line of the metrics text.
+/// Sends `request` and reads its body as JSON of type `T`.
+async fn json_of<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> T {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
+/// Sends `request` and reads its body as text.
+async fn text_of(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
@@ -226,14 +236,7 @@ async fn ask_feedback_and_trajectory_round_trip() {
         AgentConfig::default().sampling.temperature
     );
 
-    let health: HealthResponse = client
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health: HealthResponse = json_of(client.get(server.url("/healthz"))).await;
     assert_eq!(health.status, "ok");
     assert_eq!(
         (health.model_id.as_str(), health.adapter_version),
@@ -593,14 +596,7 @@ async fn spawn_ask(server: &TestServer) -> JoinHandle<reqwest::Result<reqwest::R
     });
     // The health check counts itself: 2 in flight means the question is being answered.
     for _ in 0..500 {
-        let health: HealthResponse = client
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health: HealthResponse = json_of(client.get(server.url("/healthz"))).await;
         if health.in_flight >= 2 {
             return task;
         }
@@ -894,14 +890,7 @@ async fn the_real_model_answers_over_http() {
             .tokens_of(searchloop_core::SegmentKind::Model)
             .is_empty()
     );
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(client.get(server.url("/metrics"))).await;
     assert!(metric(&text, "searchloop_tokens_generated_total") > 0.0);
     server.stop().await.unwrap();
 }
@@ -987,14 +976,7 @@ async fn adapters_promotion_rollback_and_training_over_http() {
     let client = Client::new();
     let post = |path: &str| client.post(server.url(path));
 
-    let listing: Value = client
-        .get(server.url("/v1/adapters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = json_of(client.get(server.url("/v1/adapters"))).await;
     assert_eq!(listing["serving_version"], Value::Null);
     let statuses: Vec<&str> = listing["adapters"]
         .as_array()
@@ -1004,23 +986,11 @@ async fn adapters_promotion_rollback_and_training_over_http() {
         .collect();
     assert_eq!(statuses, ["candidate", "candidate"]);
 
-    let swap: Value = post("/v1/adapters/1/promote")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let swap: Value = json_of(post("/v1/adapters/1/promote")).await;
     assert_eq!((&swap["from"], &swap["to"]), (&Value::Null, &json!(1)));
     let answer = ask(&client, &server, json!({"question": "red bags?"})).await;
     assert_eq!(answer.adapter_version, Some(1));
-    let swap: Value = post("/v1/adapters/2/promote")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let swap: Value = json_of(post("/v1/adapters/2/promote")).await;
     assert_eq!((&swap["from"], &swap["to"]), (&json!(1), &json!(2)));
     // No body at all: back to the adapter promoted before.
     let response = post("/v1/adapters/rollback").send().await.unwrap();
@@ -1076,14 +1046,7 @@ async fn adapters_promotion_rollback_and_training_over_http() {
         };
         expect_error(request.send().await.unwrap(), status, code).await;
     }
-    let listing: Value = client
-        .get(server.url("/v1/adapters"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listing: Value = json_of(client.get(server.url("/v1/adapters"))).await;
     assert_eq!(listing["serving_version"], json!(1));
 
     // Training: 202 at once, 409 while the round runs, its failure reported when it ends.
@@ -1100,14 +1063,7 @@ async fn adapters_promotion_rollback_and_training_over_http() {
     release.send(true).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        let status: Value = client
-            .get(server.url("/v1/train"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: Value = json_of(client.get(server.url("/v1/train"))).await;
         if status["running"] == json!(false) {
             break status;
         }
@@ -1118,14 +1074,7 @@ async fn adapters_promotion_rollback_and_training_over_http() {
     assert!(error.contains("trains nothing"), "{error}");
     assert_eq!(status["last"]["report"], Value::Null);
 
-    let text = client
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(client.get(server.url("/metrics"))).await;
     assert_eq!(
         metric(&text, "searchloop_adapter_swaps_total{kind=\"promotion\"}"),
         2.0

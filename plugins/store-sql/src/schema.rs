@@ -255,7 +255,7 @@ fn sqlite_file_len(path: &Path) -> Result<Option<u64>> {
 /// Inspects an existing file's schema over a read-only connection, which never checkpoints or
 /// rewrites the file. [`check_sqlite_file_bytes`] has vetted the bytes first.
 pub(crate) async fn inspect_sqlite_file(path: &Path) -> Result<SqliteFileState> {
-    if !sqlite_file_len(path)?.is_some_and(|bytes| bytes > 0) {
+    if sqlite_file_len(path)?.is_none_or(|bytes| bytes == 0) {
         return Ok(SqliteFileState::New);
     }
     let options = SqliteConnectOptions::new()

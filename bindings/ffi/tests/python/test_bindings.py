@@ -189,6 +189,8 @@ def test_bad_configs_raise_clear_errors(config_path, tmp_path):
         searchloop.Agent.from_file(str(typo))
     with pytest.raises(Config, match="temperature"):
         searchloop.Agent(searchloop.AgentOptions(config_path=config_path, temperature=-1.0))
+    with pytest.raises(Config, match="top_p"):
+        searchloop.Agent(searchloop.AgentOptions(config_path=config_path, top_p=1.5))
     with pytest.raises(Config, match=r"at least one \[\[tools\]\]"):
         searchloop.Agent(searchloop.AgentOptions())
     store = str(tmp_path / "refused.db")
