@@ -16,11 +16,14 @@
 //!
 //! ```text
 //! cargo bench -p searchloop-runtime --bench efficacy -- [--rounds 3] [--arms grpo,sapo,...] \
-//!     [--traffic 8] [--group-size 4] [--prompts 2] [--epochs 2] [--eval 12] [--threads 1] \
-//!     [--out DIR]
+//!     [--traffic 8] [--group-size 4] [--prompts 2] [--epochs 2] [--lr 5e-5] [--eval 12] \
+//!     [--threads 1] [--out DIR]
 //! ```
 //!
 //! Arms: `grpo` (w = 0), `sapo` (w = 0.1, t = 0.8, the defaults), `sapo-w0.3`, `sapo-t0.6`.
+//! `--tag TAG` labels this run's arms (`sapo, TAG`); `--render A/efficacy.json B/efficacy.json`
+//! tabulates and draws earlier runs together without running anything (a process holds every
+//! round's allocations, so on a 24 GiB machine long runs are best split one arm per process).
 
 // A benchmark reports by panicking on a broken setup, like a test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -28,7 +31,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{path::PathBuf, sync::Arc, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use common::Workspace;
 use searchloop_examples::retail::{QuestionKind, Split};
@@ -38,7 +45,7 @@ use searchloop_learn::{
 };
 use searchloop_runtime::{RoundReport, Runtime, gate::GateVerdict};
 use searchloop_store_sql::FeedbackInput;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One configuration of the loss.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -80,9 +87,15 @@ struct Args {
     group_size: usize,
     prompts: usize,
     epochs: usize,
+    /// Peak learning rate; absent keeps the round's default.
+    learning_rate: Option<f64>,
     eval: usize,
     threads: usize,
     out: PathBuf,
+    /// Appended to each arm's name in the report, e.g. the learning rate of this run.
+    tag: Option<String>,
+    /// Earlier runs' `efficacy.json` files to draw and tabulate together instead of running.
+    render: Vec<PathBuf>,
 }
 
 fn parse_args() -> Args {
@@ -93,9 +106,12 @@ fn parse_args() -> Args {
         group_size: 4,
         prompts: 2,
         epochs: 2,
+        learning_rate: None,
         eval: 12,
         threads: 1,
         out: PathBuf::from("target/efficacy"),
+        tag: None,
+        render: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -110,9 +126,22 @@ fn parse_args() -> Args {
             "--group-size" => args.group_size = number(value()),
             "--prompts" => args.prompts = number(value()),
             "--epochs" => args.epochs = number(value()),
+            "--lr" => {
+                let v = value();
+                let lr: f64 = v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{v} is not a learning rate"));
+                assert!(
+                    lr.is_finite() && lr > 0.0,
+                    "the learning rate must be positive"
+                );
+                args.learning_rate = Some(lr);
+            }
             "--eval" => args.eval = number(value()),
             "--threads" => args.threads = number(value()),
             "--out" => args.out = PathBuf::from(value()),
+            "--tag" => args.tag = Some(value()),
+            "--render" => args.render.push(PathBuf::from(value())),
             "--arms" => {
                 args.arms = value()
                     .split(',')
@@ -131,14 +160,18 @@ fn parse_args() -> Args {
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(args.rounds > 0 && !args.arms.is_empty(), "nothing to run");
+    assert!(
+        !args.render.is_empty() || (args.rounds > 0 && !args.arms.is_empty()),
+        "nothing to run"
+    );
     args
 }
 
 /// What one round of one arm measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct RoundRow {
-    arm: &'static str,
+    /// The arm's name, after `--tag` when one was given.
+    arm: String,
     round: usize,
     /// Right answers among the round's served traffic (before training).
     traffic_em: f64,
@@ -168,7 +201,7 @@ struct RoundRow {
     round_seconds: f64,
 }
 
-fn row(arm: Arm, round: usize, traffic_em: f64, report: &RoundReport, seconds: f64) -> RoundRow {
+fn row(arm: String, round: usize, traffic_em: f64, report: &RoundReport, seconds: f64) -> RoundRow {
     let steps = &report.train.steps;
     // Means over steps weighted by each step's token count (the positive fractions by its
     // positive tokens), so a small last mini-batch counts for what it holds.
@@ -186,7 +219,7 @@ fn row(arm: Arm, round: usize, traffic_em: f64, report: &RoundReport, seconds: f
         GateVerdict::Reject { reason } => (false, Some(reason.clone())),
     };
     RoundRow {
-        arm: arm.name,
+        arm,
         round,
         traffic_em,
         candidate: report.candidate,
@@ -271,6 +304,9 @@ async fn run_arm(args: &Args, arm: Arm) -> Vec<RoundRow> {
     learn.round.trainer.ppo_epochs = args.epochs;
     learn.round.trainer.mini_batch_size = 4;
     learn.round.trainer.micro_batch_size = 1;
+    if let Some(lr) = args.learning_rate {
+        learn.round.trainer.learning_rate = lr;
+    }
     learn.round.trainer.loss.sapo_weight = arm.w;
     learn.round.trainer.loss.sapo_threshold = arm.t;
     learn.memory_cap_mb = 16_000;
@@ -282,8 +318,12 @@ async fn run_arm(args: &Args, arm: Arm) -> Vec<RoundRow> {
         let traffic_em =
             serve_traffic(&runtime, &ws, (round - 1) * args.traffic, args.traffic).await;
         let report = runtime.train_now().await.unwrap();
+        let label = match &args.tag {
+            Some(tag) => format!("{}, {tag}", arm.name),
+            None => arm.name.to_string(),
+        };
         let r = row(
-            arm,
+            label,
             round,
             traffic_em,
             &report,
@@ -300,16 +340,30 @@ fn cell(v: Option<f64>) -> String {
     v.map_or("–".to_string(), |v| format!("{v:.3}"))
 }
 
-fn markdown(args: &Args, rows: &[RoundRow]) -> String {
-    let mut md = format!(
+/// What every round of this run did, as a sentence.
+fn settings(args: &Args) -> String {
+    format!(
         "{} rounds per arm; each round: {} served train questions with purchase feedback, \
-         replay groups of {} for {} prompts, {} PPO epochs (mini-batches of 4), the eval gate \
-         on {} held-out questions.\n\n\
-         | arm | round | traffic EM | candidate EM / F1 | incumbent EM / F1 | gate | batch reward \
+         replay groups of {} for {} prompts, {} PPO epochs (mini-batches of 4) at learning rate \
+         {}, the eval gate on {} held-out questions.\n\n",
+        args.rounds,
+        args.traffic,
+        args.group_size,
+        args.prompts,
+        args.epochs,
+        args.learning_rate
+            .map_or_else(|| "5e-5 (the default)".to_string(), |lr| format!("{lr:e}")),
+        args.eval
+    )
+}
+
+/// The rounds as a markdown table, then the gate's rejections.
+fn table(rows: &[RoundRow]) -> String {
+    let mut md = String::from(
+        "| arm | round | traffic EM | candidate EM / F1 | incumbent EM / F1 | gate | batch reward \
          | seqs (zero-std groups) | steps | ratio mean / min | r<t, A≥0 | r<0.5, A≥0 | r<0.1, A≥0 \
          | SAPO active | clipped | entropy | round s |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        args.rounds, args.traffic, args.group_size, args.prompts, args.epochs, args.eval
     );
     for r in rows {
         let gate = if r.promoted {
@@ -363,15 +417,21 @@ fn markdown(args: &Args, rows: &[RoundRow]) -> String {
     md
 }
 
-fn plot(args: &Args, rows: &[RoundRow]) {
+/// Draws one curve per arm (in order of first appearance) against the round.
+fn plot(rows: &[RoundRow], out: &Path) {
+    let mut arms: Vec<&str> = Vec::new();
+    for r in rows {
+        if !arms.contains(&r.arm.as_str()) {
+            arms.push(&r.arm);
+        }
+    }
     let by_arm = |value: fn(&RoundRow) -> Option<f64>| -> Vec<Series> {
-        args.arms
-            .iter()
+        arms.iter()
             .map(|arm| Series {
-                label: arm.name.to_string(),
+                label: arm.to_string(),
                 points: rows
                     .iter()
-                    .filter(|r| r.arm == arm.name)
+                    .filter(|r| r.arm == *arm)
                     .filter_map(|r| Some((r.round as f64, value(r)?)))
                     .filter(|(_, y)| y.is_finite())
                     .collect(),
@@ -397,8 +457,9 @@ fn plot(args: &Args, rows: &[RoundRow]) {
         panel("clip fraction", by_arm(|r| Some(r.clip_frac))),
         panel("entropy (nats)", by_arm(|r| Some(r.entropy))),
     ];
+    let rounds = rows.iter().map(|r| r.round).max().unwrap_or(1);
     for name in ["efficacy.svg", "efficacy.png"] {
-        draw_panels(&panels, (3, 3), args.rounds as f64, &args.out.join(name)).unwrap();
+        draw_panels(&panels, (3, 3), rounds as f64, &out.join(name)).unwrap();
     }
 }
 
@@ -411,19 +472,40 @@ fn main() {
         .unwrap();
     let started = Instant::now();
     let mut rows = Vec::new();
-    for arm in &args.arms {
-        eprintln!("arm {} (w = {}, t = {})", arm.name, arm.w, arm.t);
-        rows.extend(runtime.block_on(run_arm(&args, *arm)));
-    }
-    let md = markdown(&args, &rows);
+    let md = if args.render.is_empty() {
+        for arm in &args.arms {
+            eprintln!("arm {} (w = {}, t = {})", arm.name, arm.w, arm.t);
+            rows.extend(runtime.block_on(run_arm(&args, *arm)));
+        }
+        settings(&args) + &table(&rows)
+    } else {
+        #[derive(Deserialize)]
+        struct Run {
+            rounds: Vec<RoundRow>,
+        }
+        for path in &args.render {
+            let text = std::fs::read_to_string(path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+            let run: Run = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{} is not an efficacy.json: {e}", path.display()));
+            rows.extend(run.rounds);
+        }
+        table(&rows)
+    };
     std::fs::write(args.out.join("efficacy.md"), &md).unwrap();
+    // A rendering runs no arm; its rows carry their own names.
+    let arms_run: &[Arm] = if args.render.is_empty() {
+        &args.arms
+    } else {
+        &[]
+    };
     std::fs::write(
         args.out.join("efficacy.json"),
-        serde_json::to_string_pretty(&serde_json::json!({"arms": args.arms, "rounds": rows}))
+        serde_json::to_string_pretty(&serde_json::json!({"arms": arms_run, "rounds": rows}))
             .unwrap(),
     )
     .unwrap();
-    plot(&args, &rows);
+    plot(&rows, &args.out);
     println!("{md}");
     println!(
         "{:.0} s in all; plots and data in {}",
