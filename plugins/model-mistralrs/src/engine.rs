@@ -129,7 +129,7 @@ impl Engine {
             }
         };
         let text = self.decode(&recording.tokens)?;
-        self.check_engine_text(&recording.tokens, &engine_text)?;
+        self.check_engine_text(&recording.tokens, &text, &engine_text)?;
         Ok(Sample {
             tokens: recording.tokens,
             logprobs: recording.logprobs,
@@ -212,17 +212,17 @@ impl Engine {
         Ok(receiver)
     }
 
-    /// Waits for the engine's answer to one request and returns its finish reason.
     /// Compares the text mistral.rs generated (decoded incrementally from its own sequence)
     /// with the text of the recorded ids, and counts the outcome: the two agree exactly when
     /// the engine's sequence is the recorded one. The engine's text drops leading whitespace
     /// and may omit the end-of-sequence marker, so both sides are compared without them.
-    fn check_engine_text(&self, tokens: &[u32], engine_text: &str) -> Result<()> {
-        let body = match tokens.split_last() {
-            Some((last, body)) if self.eos_tokens.contains(last) => body,
-            _ => tokens,
+    /// `text` is the decoded `tokens`; it is decoded again without a final end-of-sequence
+    /// token only when there is one.
+    fn check_engine_text(&self, tokens: &[u32], text: &str, engine_text: &str) -> Result<()> {
+        let ours = match tokens.split_last() {
+            Some((last, body)) if self.eos_tokens.contains(last) => self.decode(body)?,
+            _ => text.to_string(),
         };
-        let ours = self.decode(body)?;
         let mut theirs = engine_text;
         for eos in &self.eos_tokens {
             let marker = self.decode(&[*eos])?;
