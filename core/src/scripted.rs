@@ -26,6 +26,7 @@ pub struct ScriptedPolicy {
     adapter_version: Option<u64>,
     delay: Duration,
     logprob: f32,
+    context_length: usize,
 }
 
 impl std::fmt::Debug for ScriptedPolicy {
@@ -46,6 +47,7 @@ impl ScriptedPolicy {
             adapter_version: None,
             delay: Duration::ZERO,
             logprob: -0.25,
+            context_length: 2048,
         }
     }
 
@@ -66,6 +68,13 @@ impl ScriptedPolicy {
         self.model_id = model_id.into();
         self
     }
+
+    /// Accepts sequences of up to `bytes` tokens (default 2,048). A byte is much less text than
+    /// a model's token, so a system prompt that describes several tools needs more.
+    pub fn with_context_length(mut self, bytes: usize) -> Self {
+        self.context_length = bytes;
+        self
+    }
 }
 
 #[async_trait]
@@ -76,6 +85,10 @@ impl Policy for ScriptedPolicy {
 
     fn adapter_version(&self) -> Option<u64> {
         self.adapter_version
+    }
+
+    fn context_length(&self) -> usize {
+        self.context_length
     }
 
     fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {

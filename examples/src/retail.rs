@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use vocab::{
     AttrKind, AttrSpec, CATEGORIES, CategorySpec, LAPTOP_ALTS, LAPTOP_FORMAT, LAPTOPS, LITRES_ALTS,
-    LITRES_FORMAT, NAME_FIRST, NAME_SECOND, STORES,
+    LITRES_FORMAT, NAME_FIRST, NAME_SECOND, STORES, STREETS,
 };
 
 /// Single-hop questions the generator aims for.
@@ -69,6 +69,8 @@ const SNAPSHOT_DATE: NaiveDate = match NaiveDate::from_ymd_opt(2025, 6, 2) {
 pub const TOOL_CATALOG: &str = "catalog";
 /// Tool name of the SQL inventory database.
 pub const TOOL_INVENTORY: &str = "inventory";
+/// Tool name of the help center, an HTTP search service (see [`crate::help_center`]).
+pub const TOOL_HELP: &str = "help";
 
 /// Single-hop question templates for the fields every product has.
 const MATERIAL_TEMPLATE: &str = "What material is the {name} made of?";
@@ -81,6 +83,18 @@ const WIDTH_TEMPLATE: &str = "How wide is the {name}?";
 const IN_STOCK_TEMPLATE: &str = "Is the {name} in stock in the {city} store?";
 const COUNT_TEMPLATE: &str = "How many units of the {name} does the {city} store have?";
 const RESTOCK_TEMPLATE: &str = "When will the {name} be restocked in the {city} store?";
+
+/// Store question templates, answered from the help center's store pages.
+const WEEKDAY_OPENS_TEMPLATE: &str = "What time does the {city} store open on weekdays?";
+const SATURDAY_CLOSES_TEMPLATE: &str = "What time does the {city} store close on Saturdays?";
+const SUNDAY_OPEN_TEMPLATE: &str = "Is the {city} store open on Sundays?";
+const ADDRESS_TEMPLATE: &str = "What is the street address of the {city} store?";
+const STORE_TEMPLATES: [&str; 4] = [
+    WEEKDAY_OPENS_TEMPLATE,
+    SATURDAY_CLOSES_TEMPLATE,
+    SUNDAY_OPEN_TEMPLATE,
+    ADDRESS_TEMPLATE,
+];
 
 /// One product of the catalog.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +136,39 @@ pub struct Store {
     pub id: String,
     /// City the store is in, as questions name it, e.g. `"Lyon"`.
     pub city: String,
+    /// Street address, e.g. `"14 Market Street"`; empty in data sets written before stores had
+    /// one.
+    #[serde(default)]
+    pub address: String,
+    /// Opening hours; `None` in data sets written before stores had them.
+    #[serde(default)]
+    pub hours: Option<StoreHours>,
+}
+
+/// A store's opening hours over the week.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreHours {
+    /// Monday to Friday.
+    pub weekdays: Hours,
+    /// Saturday.
+    pub saturday: Hours,
+    /// Sunday; `None` when the store is closed on Sundays.
+    pub sunday: Option<Hours>,
+}
+
+/// Opening and closing time of one day, in whole hours on the 24-hour clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hours {
+    /// Opening hour, 0 to 23.
+    pub opens: u8,
+    /// Closing hour, after `opens`, 1 to 24.
+    pub closes: u8,
+}
+
+impl std::fmt::Display for Hours {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:00-{}:00", self.opens, self.closes)
+    }
 }
 
 /// Stock of one product in one store.
@@ -147,11 +194,18 @@ pub enum QuestionKind {
     MultiHop,
     /// A named product's stock in a named store, from the inventory.
     Inventory,
+    /// A store's address or opening hours, from the help center.
+    StoreInfo,
 }
 
 impl QuestionKind {
     /// Every kind, in the order the generator emits them.
-    pub const ALL: [QuestionKind; 3] = [Self::SingleHop, Self::MultiHop, Self::Inventory];
+    pub const ALL: [QuestionKind; 4] = [
+        Self::SingleHop,
+        Self::MultiHop,
+        Self::Inventory,
+        Self::StoreInfo,
+    ];
 
     /// The kind as it is written in `questions.jsonl`.
     pub fn as_str(self) -> &'static str {
@@ -159,6 +213,16 @@ impl QuestionKind {
             Self::SingleHop => "single_hop",
             Self::MultiHop => "multi_hop",
             Self::Inventory => "inventory",
+            Self::StoreInfo => "store_info",
+        }
+    }
+
+    /// The tools a question of this kind needs, in the order an agent calls them.
+    pub fn tools(self) -> &'static [&'static str] {
+        match self {
+            Self::SingleHop | Self::MultiHop => &[TOOL_CATALOG],
+            Self::Inventory => &[TOOL_CATALOG, TOOL_INVENTORY],
+            Self::StoreInfo => &[TOOL_HELP],
         }
     }
 }
@@ -196,9 +260,9 @@ pub struct Question {
     pub kind: QuestionKind,
     /// Train or held out.
     pub split: Split,
-    /// SKUs of the products the answer depends on.
+    /// SKUs of the products the answer depends on; empty for store questions.
     pub skus: Vec<String>,
-    /// Tools needed to answer: [`TOOL_CATALOG`], [`TOOL_INVENTORY`].
+    /// Tools needed to answer: [`TOOL_CATALOG`], [`TOOL_INVENTORY`], [`TOOL_HELP`].
     pub tools: Vec<String>,
 }
 
@@ -232,7 +296,7 @@ pub struct RetailDataset {
     pub stores: Vec<Store>,
     /// One row per product and store, product-major.
     pub stock: Vec<StockRow>,
-    /// The questions, single-hop first, then multi-hop, then inventory.
+    /// The questions, single-hop first, then multi-hop, inventory, and store questions.
     pub questions: Vec<Question>,
 }
 
@@ -349,13 +413,7 @@ pub enum RetailError {
 /// Every question is verified against the catalog and stock before it is kept.
 pub fn generate(config: &GeneratorConfig) -> RetailDataset {
     let mut products = generate_products(config.seed, config.products);
-    let stores: Vec<Store> = STORES
-        .iter()
-        .map(|(id, city)| Store {
-            id: (*id).to_string(),
-            city: (*city).to_string(),
-        })
-        .collect();
+    let stores = generate_stores(config.seed);
     let stock = generate_stock(config.seed, &mut products, &stores);
     let mut dataset = RetailDataset {
         products,
@@ -391,6 +449,21 @@ impl RetailDataset {
             || index.store_by_id.len() != self.stores.len()
         {
             return Err(invalid("two stores share an id or a city".into()));
+        }
+        for store in &self.stores {
+            let days = store.hours.iter().flat_map(|h| {
+                [Some(h.weekdays), Some(h.saturday), h.sunday]
+                    .into_iter()
+                    .flatten()
+            });
+            for day in days {
+                if day.opens >= day.closes || day.closes > 24 {
+                    return Err(invalid(format!(
+                        "the {} store has impossible opening hours {day}",
+                        store.city
+                    )));
+                }
+            }
         }
         let mut totals: BTreeMap<&str, (u32, usize)> = BTreeMap::new();
         let mut pairs = BTreeSet::new();
@@ -784,20 +857,104 @@ fn generate_stock(seed: u64, products: &mut [Product], stores: &[Store]) -> Vec<
 }
 
 /// A question before it gets its id and split.
-fn draft(text: String, answers: Vec<String>, kind: QuestionKind, sku: &str) -> Question {
-    let tools = match kind {
-        QuestionKind::SingleHop | QuestionKind::MultiHop => vec![TOOL_CATALOG.to_string()],
-        QuestionKind::Inventory => vec![TOOL_CATALOG.to_string(), TOOL_INVENTORY.to_string()],
-    };
+/// `sku` is the product the answer depends on, `None` for a store question.
+fn draft(text: String, answers: Vec<String>, kind: QuestionKind, sku: Option<&str>) -> Question {
     Question {
         id: String::new(),
         question: text,
         answers,
         kind,
         split: Split::Train,
-        skus: vec![sku.to_string()],
-        tools,
+        skus: sku.into_iter().map(str::to_string).collect(),
+        tools: kind.tools().iter().map(|t| t.to_string()).collect(),
     }
+}
+
+/// The stores of [`STORES`], each with an address and opening hours drawn from the seed.
+fn generate_stores(seed: u64) -> Vec<Store> {
+    let mut rng = stage_rng(seed, 5);
+    STORES
+        .iter()
+        .map(|(id, city)| {
+            let number = rng.random_range(1..=120u32);
+            let street = pick(&mut rng, STREETS);
+            let weekdays = Hours {
+                opens: pick(&mut rng, &[8, 9, 10]),
+                closes: pick(&mut rng, &[18, 19, 20]),
+            };
+            let saturday = Hours {
+                opens: pick(&mut rng, &[9, 10]),
+                closes: pick(&mut rng, &[17, 18, 19]),
+            };
+            let sunday = Hours {
+                opens: pick(&mut rng, &[10, 11]),
+                closes: pick(&mut rng, &[16, 17]),
+            };
+            // Drawn for every store, like the Sunday hours, so the draws per store are fixed.
+            let open_on_sunday = rng.random_bool(0.5);
+            Store {
+                id: (*id).to_string(),
+                city: (*city).to_string(),
+                address: format!("{number} {street}"),
+                hours: Some(StoreHours {
+                    weekdays,
+                    saturday,
+                    sunday: open_on_sunday.then_some(sunday),
+                }),
+            }
+        })
+        .collect()
+}
+
+/// Every accepted spelling of a whole hour: "9:00", "09:00", "9 am", "9am", "9:00 am"; "19:00",
+/// "7 pm", "7pm", "7:00 pm".
+fn hour_answers(hour: u8) -> Vec<String> {
+    let (twelve, half) = match hour {
+        0 | 24 => (12, "am"),
+        1..=11 => (hour, "am"),
+        12 => (12, "pm"),
+        _ => (hour - 12, "pm"),
+    };
+    let mut answers = vec![format!("{hour}:00")];
+    for answer in [
+        format!("{hour:02}:00"),
+        format!("{twelve} {half}"),
+        format!("{twelve}{half}"),
+        format!("{twelve}:00 {half}"),
+    ] {
+        if !answers.contains(&answer) {
+            answers.push(answer);
+        }
+    }
+    answers
+}
+
+/// The accepted answers to a store template, or `None` when the store lacks the fact.
+fn store_answers(template: &str, store: &Store) -> Option<Vec<String>> {
+    let hours = store.hours.as_ref();
+    match template {
+        WEEKDAY_OPENS_TEMPLATE => Some(hour_answers(hours?.weekdays.opens)),
+        SATURDAY_CLOSES_TEMPLATE => Some(hour_answers(hours?.saturday.closes)),
+        SUNDAY_OPEN_TEMPLATE => Some(vec![
+            if hours?.sunday.is_some() { "yes" } else { "no" }.into(),
+        ]),
+        ADDRESS_TEMPLATE => (!store.address.is_empty()).then(|| vec![store.address.clone()]),
+        _ => None,
+    }
+}
+
+/// One question per store template and store; they need no draws.
+fn store_questions(stores: &[Store]) -> Vec<Question> {
+    let mut questions = Vec::new();
+    for template in STORE_TEMPLATES {
+        for store in stores {
+            if let Some(answers) = store_answers(template, store) {
+                let text = template.replace("{city}", &store.city);
+                questions.push(draft(text, answers, QuestionKind::StoreInfo, None));
+            }
+        }
+    }
+    questions
 }
 
 fn generate_questions(seed: u64, dataset: &RetailDataset) -> Vec<Question> {
@@ -805,6 +962,7 @@ fn generate_questions(seed: u64, dataset: &RetailDataset) -> Vec<Question> {
     let mut questions = single_hop_questions(&mut rng, &dataset.products);
     questions.extend(multi_hop_questions(&mut rng, &dataset.products));
     questions.extend(inventory_questions(&mut rng, dataset));
+    questions.extend(store_questions(&dataset.stores));
     // Names are unique, so texts are too; this guards the invariant anyway.
     let mut seen = BTreeSet::new();
     questions.retain(|q| seen.insert(q.question.clone()));
@@ -932,7 +1090,12 @@ fn single_hop_questions<R: Rng>(rng: &mut R, products: &[Product]) -> Vec<Questi
         let field = draw_field(rng, product);
         if let Some(answers) = field.answers(product) {
             let text = field.template().replace("{name}", &product.name);
-            questions.push(draft(text, answers, QuestionKind::SingleHop, &product.sku));
+            questions.push(draft(
+                text,
+                answers,
+                QuestionKind::SingleHop,
+                Some(&product.sku),
+            ));
         }
     }
     questions
@@ -1316,7 +1479,7 @@ fn multi_hop_questions<R: Rng>(rng: &mut R, products: &[Product]) -> Vec<Questio
             question.render(),
             vec![target.name.clone()],
             QuestionKind::MultiHop,
-            &target.sku,
+            Some(&target.sku),
         ));
     }
     questions
@@ -1380,7 +1543,7 @@ fn inventory_questions<R: Rng>(rng: &mut R, dataset: &RetailDataset) -> Vec<Ques
                     fill(template, &product.name, city),
                     answers,
                     QuestionKind::Inventory,
-                    &product.sku,
+                    Some(&product.sku),
                 ));
             }
         }
@@ -1459,10 +1622,12 @@ impl<'a> Index<'a> {
 
     /// Recomputes a question's answers, SKUs and tools from its text, and compares.
     fn check_question(&self, q: &Question) -> Result<(), String> {
-        let (expected, product) = match q.kind {
-            QuestionKind::SingleHop => self.single_hop(&q.question)?,
-            QuestionKind::MultiHop => self.multi_hop(&q.question)?,
-            QuestionKind::Inventory => self.inventory(&q.question)?,
+        let with_product = |(answers, product)| (answers, Some(product));
+        let (expected, product): (Vec<String>, Option<&Product>) = match q.kind {
+            QuestionKind::SingleHop => with_product(self.single_hop(&q.question)?),
+            QuestionKind::MultiHop => with_product(self.multi_hop(&q.question)?),
+            QuestionKind::Inventory => with_product(self.inventory(&q.question)?),
+            QuestionKind::StoreInfo => (self.store_info(&q.question)?, None),
         };
         if q.answers.is_empty() {
             return Err("has no gold answer".into());
@@ -1479,16 +1644,11 @@ impl<'a> Index<'a> {
                 ));
             }
         }
-        if q.skus != [product.sku.as_str()] {
-            return Err(format!(
-                "lists SKUs {:?}, expected [{}]",
-                q.skus, product.sku
-            ));
+        let skus: Vec<&str> = product.map(|p| p.sku.as_str()).into_iter().collect();
+        if q.skus != skus {
+            return Err(format!("lists SKUs {:?}, expected {skus:?}", q.skus));
         }
-        let tools: &[&str] = match q.kind {
-            QuestionKind::SingleHop | QuestionKind::MultiHop => &[TOOL_CATALOG],
-            QuestionKind::Inventory => &[TOOL_CATALOG, TOOL_INVENTORY],
-        };
+        let tools = q.kind.tools();
         if q.tools != tools {
             return Err(format!("lists tools {:?}, expected {tools:?}", q.tools));
         }
@@ -1560,13 +1720,33 @@ impl<'a> Index<'a> {
         }
         Err("matches no inventory question template".into())
     }
+
+    fn store_info(&self, text: &str) -> Result<Vec<String>, String> {
+        for template in STORE_TEMPLATES {
+            let Some(city) = match_slot(template, "{city}", text) else {
+                continue;
+            };
+            let store = self
+                .store_by_city
+                .get(city)
+                .ok_or_else(|| format!("no store is in {city:?}"))?;
+            return store_answers(template, store)
+                .ok_or_else(|| format!("the {city} store lacks the fact asked for"));
+        }
+        Err("matches no store question template".into())
+    }
 }
 
 /// The `{name}` of `text` if it is `template` filled in.
 fn match_template<'t>(template: &str, text: &'t str) -> Option<&'t str> {
-    let (prefix, suffix) = template.split_once("{name}")?;
-    let name = text.strip_prefix(prefix)?.strip_suffix(suffix)?;
-    (!name.is_empty()).then_some(name)
+    match_slot(template, "{name}", text)
+}
+
+/// What fills `slot` in `text` if it is `template` filled in.
+fn match_slot<'t>(template: &str, slot: &str, text: &'t str) -> Option<&'t str> {
+    let (prefix, suffix) = template.split_once(slot)?;
+    let value = text.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    (!value.is_empty()).then_some(value)
 }
 
 /// The `{name}` and `{city}` of `text` if it is `template` filled in.
@@ -1707,10 +1887,8 @@ mod tests {
         );
         assert_eq!(a, b);
         for ((name, first), (_, other)) in a.iter().zip(&c) {
-            // The store list is fixed; everything else depends on the seed.
-            if name != "stores.jsonl" {
-                assert_ne!(first, other, "{name} did not change with the seed");
-            }
+            // The cities are fixed, but addresses and opening hours depend on the seed too.
+            assert_ne!(first, other, "{name} did not change with the seed");
         }
         Ok(())
     }
@@ -1733,7 +1911,12 @@ mod tests {
             let of_kind: Vec<&Question> =
                 data.questions.iter().filter(|q| q.kind == kind).collect();
             let held = of_kind.iter().filter(|q| q.split == Split::Heldout).count();
-            assert!(of_kind.len() >= 60, "{} {kind:?} questions", of_kind.len());
+            if kind == QuestionKind::StoreInfo {
+                // Every store template for every store: all stores have every fact.
+                assert_eq!(of_kind.len(), STORE_TEMPLATES.len() * data.stores.len());
+            } else {
+                assert!(of_kind.len() >= 60, "{} {kind:?} questions", of_kind.len());
+            }
             // Stratified: each kind holds out a quarter, rounded.
             assert_eq!(
                 held,
@@ -1794,8 +1977,28 @@ mod tests {
         let by_sku: BTreeMap<&str, &Product> =
             data.products.iter().map(|p| (p.sku.as_str(), p)).collect();
         for q in &data.questions {
-            let product = by_sku[q.skus[0].as_str()];
             let first = &q.answers[0];
+            if q.kind == QuestionKind::StoreInfo {
+                let store = data
+                    .stores
+                    .iter()
+                    .find(|s| q.question.contains(&format!("the {} store", s.city)))
+                    .unwrap_or_else(|| panic!("no store in {}", q.question));
+                let hours = store.hours.unwrap();
+                let expected = if q.question.contains("open on weekdays") {
+                    format!("{}:00", hours.weekdays.opens)
+                } else if q.question.contains("close on Saturdays") {
+                    format!("{}:00", hours.saturday.closes)
+                } else if q.question.contains("open on Sundays") {
+                    (if hours.sunday.is_some() { "yes" } else { "no" }).to_string()
+                } else {
+                    store.address.clone()
+                };
+                assert_eq!(first, &expected, "{}", q.question);
+                assert!(q.skus.is_empty(), "{}", q.question);
+                continue;
+            }
+            let product = by_sku[q.skus[0].as_str()];
             match q.kind {
                 QuestionKind::SingleHop => {
                     let price = format!("${:.2}", product.price);
@@ -1833,6 +2036,7 @@ mod tests {
                     };
                     assert_eq!(first, &expected, "{}", q.question);
                 }
+                QuestionKind::StoreInfo => unreachable!("store questions were checked above"),
             }
         }
     }

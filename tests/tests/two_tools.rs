@@ -1,10 +1,11 @@
-//! One agent episode that uses two different real tools: the tantivy catalog and the SQL
-//! inventory the demo seeds, wired from the demo's own config and recorded in its store.
+//! Agent episodes over the demo's three real tools, wired from the demo's own config and
+//! recorded in its store: one calls the tantivy catalog and then the SQL inventory the demo
+//! seeds, another the help center's HTTP search API through the HTTP search tool.
 //!
 //! The policy is scripted (the embedded 135M model rarely writes a well-formed named-tool call,
 //! see the demo), so this test checks the wiring the model would use: the registry routing
-//! `<search>` and `<tool name="inventory">`, the observations, the episode rewards and the
-//! store.
+//! `<search>`, `<tool name="inventory">` and `<tool name="help">`, the observations, the episode
+//! rewards and the store.
 
 use std::sync::Arc;
 
@@ -12,6 +13,8 @@ use searchloop_core::{
     Agent, EpisodeRequest, PolicySlot, Split, TaskInfo, scripted::ScriptedPolicy,
 };
 use searchloop_e2e::{run_searchloop, stderr_of};
+use searchloop_examples::help_center::RunningHelpCenter;
+use searchloop_examples::retail;
 use searchloop_runtime::{
     AppConfig,
     service::{build_tools, open_store},
@@ -54,10 +57,56 @@ fn inventory_clerk() -> ScriptedPolicy {
         }
     })
     .with_model_id("scripted-clerk")
+    // The prompt describes three tools, in byte tokens.
+    .with_context_length(8192)
+}
+
+/// Asks the help center about the question's store, then answers with the weekday opening time
+/// that the store page lists ("Monday to Friday 9:00-19:00" answers "9:00").
+fn help_desk() -> ScriptedPolicy {
+    ScriptedPolicy::new(|context| {
+        let (before, episode) = context.rsplit_once("</user>").unwrap_or(("", context));
+        let question = before.rsplit_once("<user>").map_or("", |(_, q)| q);
+        let city = between(question, "does the ", " store").unwrap_or("");
+        if !episode.contains("<information>") {
+            return format!(
+                r#"<tool name="help">{{"query": "{city} store opening hours"}}</tool>"#
+            );
+        }
+        let last = episode.rsplit("<information>").next().unwrap_or("");
+        let opens = between(last, "Monday to Friday ", "-").unwrap_or("unknown");
+        if context.ends_with("<answer>") {
+            format!("{opens}</answer>")
+        } else {
+            format!("<answer>{opens}</answer>")
+        }
+    })
+    .with_model_id("scripted-help-desk")
+    .with_context_length(8192)
+}
+
+/// The first generated question of `kind` with its id and gold answers; `None` when the file
+/// is unreadable or has no such question.
+fn first_question(workdir: &std::path::Path, kind: &str) -> Option<(String, String, Vec<String>)> {
+    let questions = std::fs::read_to_string(workdir.join("data/questions.jsonl")).ok()?;
+    let item: serde_json::Value = questions
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|q| q["kind"] == kind)?;
+    let gold = item["answers"]
+        .as_array()?
+        .iter()
+        .map(|a| a.as_str().map(str::to_string))
+        .collect::<Option<Vec<String>>>()?;
+    Some((
+        item["id"].as_str()?.into(),
+        item["question"].as_str()?.into(),
+        gold,
+    ))
 }
 
 #[tokio::test]
-async fn an_episode_calls_the_catalog_and_the_inventory_and_is_stored() {
+async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_stored() {
     let work = tempfile::tempdir().unwrap();
     let workdir = work.path().join("data");
     let demo = run_searchloop(
@@ -73,19 +122,15 @@ async fn an_episode_calls_the_catalog_and_the_inventory_and_is_stored() {
     assert!(demo.status.success(), "{}", stderr_of(&demo));
 
     // An inventory question from the generated set, with its verified gold answer.
-    let questions = std::fs::read_to_string(workdir.join("data/questions.jsonl")).unwrap();
-    let item: serde_json::Value = questions
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|q| q["kind"] == "inventory")
+    let (task_id, question, gold) = first_question(&workdir, "inventory").unwrap();
+
+    // The demo's help center stopped with the demo; serve it again and point its tool file at
+    // it, as the demo does on every run.
+    let stores = retail::read_stores_jsonl(&workdir.join("data/stores.jsonl")).unwrap();
+    let help_center = RunningHelpCenter::start(&stores, ([127, 0, 0, 1], 0).into())
+        .await
         .unwrap();
-    let question = item["question"].as_str().unwrap().to_string();
-    let gold: Vec<String> = item["answers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap().to_string())
-        .collect();
+    std::fs::write(workdir.join("help.toml"), help_center.tool_config_toml()).unwrap();
 
     let mut config = AppConfig::load(&workdir.join("searchloop.toml")).unwrap();
     // The default protocol prefills `<answer>` after the first observation, which keeps the
@@ -98,7 +143,7 @@ async fn an_episode_calls_the_catalog_and_the_inventory_and_is_stored() {
     let tools = Arc::new(build_tools(&config).await.unwrap());
     let agent = Agent::new(
         Arc::new(PolicySlot::new(Arc::new(inventory_clerk()))),
-        tools,
+        Arc::clone(&tools),
         config.agent.clone(),
     )
     .unwrap()
@@ -108,7 +153,7 @@ async fn an_episode_calls_the_catalog_and_the_inventory_and_is_stored() {
         .run(EpisodeRequest {
             question: question.clone(),
             task: Some(TaskInfo {
-                task_id: item["id"].as_str().unwrap().into(),
+                task_id,
                 gold_answers: gold.clone(),
                 split: Split::Train,
                 kind: "inventory".into(),
@@ -140,5 +185,53 @@ async fn an_episode_calls_the_catalog_and_the_inventory_and_is_stored() {
     let stored = store.get_trajectory(&trajectory.id).await.unwrap().unwrap();
     assert_eq!(stored.tool_calls, trajectory.tool_calls);
     assert_eq!(stored.answer, trajectory.answer);
+
+    // A store question, answered from the help center over HTTP.
+    let (task_id, question, gold) = first_question(&workdir, "store_info").unwrap();
+    assert!(question.contains("open on weekdays"), "{question}");
+    let agent = Agent::new(
+        Arc::new(PolicySlot::new(Arc::new(help_desk()))),
+        tools,
+        config.agent.clone(),
+    )
+    .unwrap()
+    .with_sink(store.clone());
+    let trajectory = agent
+        .run(EpisodeRequest {
+            question: question.clone(),
+            task: Some(TaskInfo {
+                task_id,
+                gold_answers: gold.clone(),
+                split: Split::Train,
+                kind: "store_info".into(),
+            }),
+            ..EpisodeRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        trajectory.tool_calls.len(),
+        1,
+        "{:#?}",
+        trajectory.tool_calls
+    );
+    let call = &trajectory.tool_calls[0];
+    assert_eq!(call.tool, "help");
+    assert!(call.ok, "{call:#?}");
+    let city = between(&question, "does the ", " store").unwrap();
+    assert!(
+        call.observation
+            .contains(&format!("{city} store: address and opening hours")),
+        "{}",
+        call.observation
+    );
+    let answer = trajectory.answer.clone().unwrap_or_default();
+    assert!(
+        gold.contains(&answer),
+        "answered {answer:?}, gold {gold:?}: {}",
+        call.observation
+    );
+    let stored = store.get_trajectory(&trajectory.id).await.unwrap().unwrap();
+    assert_eq!(stored.tool_calls, trajectory.tool_calls);
     store.close().await;
 }

@@ -1,11 +1,13 @@
 //! `searchloop demo`: the main job end to end on the embedded default model. It prepares the
-//! retail data set, the catalog index and a config in a work folder, runs the agent on a sample
-//! of held-out questions, prints each question with its searches and answer, and scores them.
+//! retail data set, the catalog index, the inventory database and a config in a work folder,
+//! serves the help center on a loopback port, runs the agent on a sample of held-out questions,
+//! prints each question with its searches and answer, and scores them.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use searchloop_core::{EpisodeRequest, Split, TaskInfo, Trajectory, reward};
+use searchloop_examples::help_center::RunningHelpCenter;
 use searchloop_examples::retail::{self, GeneratorConfig, Question};
 use searchloop_runtime::{AppConfig, Runtime};
 use searchloop_search_sql::{RETAIL_CONFIG_TOML, seed_retail_inventory};
@@ -43,6 +45,13 @@ products = ["data/catalog.jsonl"]
 [[tools]]
 kind = "sql"
 file = "inventory.toml"
+
+# Store addresses and opening hours, from the help center's HTTP search API. The demo serves it
+# on a free loopback port and rewrites help.toml with that port on every run, so outside the
+# demo this tool's calls fail (as observations) until a help center is served there.
+[[tools]]
+kind = "http"
+file = "help.toml"
 
 [store]
 url = "searchloop.db"
@@ -100,9 +109,23 @@ pub fn task_info(question: &Question) -> TaskInfo {
     }
 }
 
+/// Serves the work folder's help center on a free loopback port and points `help.toml` at it;
+/// the server stops when the returned handle is dropped.
+pub async fn start_help_center(workdir: &Path) -> anyhow::Result<RunningHelpCenter> {
+    let stores = retail::read_stores_jsonl(&workdir.join("data").join("stores.jsonl"))?;
+    let center = RunningHelpCenter::start(&stores, ([127, 0, 0, 1], 0).into())
+        .await
+        .context("cannot serve the help center on a loopback port")?;
+    let tool_config = workdir.join("help.toml");
+    std::fs::write(&tool_config, center.tool_config_toml())
+        .with_context(|| format!("cannot write {}", tool_config.display()))?;
+    Ok(center)
+}
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let config_path = prepare_workdir(&args.workdir, args.seed).await?;
+    let _help_center = start_help_center(&args.workdir).await?;
     let config = AppConfig::load(&config_path)?;
     let questions = retail::read_questions(&args.workdir.join("data").join("questions.jsonl"))?;
     let sample = heldout_sample(&questions, args.questions);

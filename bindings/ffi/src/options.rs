@@ -101,6 +101,7 @@ impl AgentOptions {
                 index: PathBuf::from(&catalog.index),
                 products: catalog.products.iter().map(PathBuf::from).collect(),
                 default_limit: catalog.results as usize,
+                blocking_pool: false,
             }));
         }
         let files = |paths: &[String]| -> Vec<ToolFile> {

@@ -38,7 +38,7 @@ use std::{
 };
 
 use common::Workspace;
-use searchloop_examples::retail::{QuestionKind, Split};
+use searchloop_examples::retail::{self, Split};
 use searchloop_learn::{
     GroupSource,
     plot::{Panel, Series, draw_panels},
@@ -258,7 +258,7 @@ async fn serve_traffic(runtime: &Runtime, ws: &Workspace, offset: usize, count: 
     let train: Vec<_> = ws
         .questions
         .iter()
-        .filter(|q| q.split == Split::Train && q.kind != QuestionKind::Inventory)
+        .filter(|q| q.split == Split::Train && q.kind.tools() == [retail::TOOL_CATALOG])
         .collect();
     let mut right = 0usize;
     for i in 0..count {
@@ -290,7 +290,7 @@ async fn run_arm(args: &Args, arm: Arm) -> Vec<RoundRow> {
     let lines: Vec<String> = ws
         .questions
         .iter()
-        .filter(|q| q.kind != QuestionKind::Inventory)
+        .filter(|q| q.kind.tools() == [retail::TOOL_CATALOG])
         .map(|q| serde_json::to_string(q).unwrap())
         .collect();
     std::fs::write(&questions, lines.join("\n")).unwrap();

@@ -108,6 +108,9 @@ pub struct CatalogSection {
     /// Results per search when the model asks for no `limit`.
     #[serde(default = "default_catalog_limit")]
     pub default_limit: usize,
+    /// Run searches on tokio's blocking pool instead of inline, for an index on a slow disk.
+    #[serde(default)]
+    pub blocking_pool: bool,
 }
 
 fn default_catalog_name() -> String {

@@ -218,6 +218,7 @@ pub fn open_catalog(section: &CatalogSection) -> Result<CatalogSearchTool> {
     let config = CatalogToolConfig {
         name: section.name.clone(),
         default_limit: section.default_limit,
+        blocking_pool: section.blocking_pool,
         ..CatalogToolConfig::default()
     };
     Ok(CatalogSearchTool::with_config(Arc::new(index), config))

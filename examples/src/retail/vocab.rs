@@ -571,3 +571,17 @@ pub(crate) const STORES: &[(&str, &str)] = &[
     ("NYC", "New York"),
     ("CHI", "Chicago"),
 ];
+
+/// Street names of store addresses; two words, so an address is three words with its number.
+pub(crate) const STREETS: &[&str] = &[
+    "Market Street",
+    "Harbor Road",
+    "Station Square",
+    "Canal Street",
+    "Park Avenue",
+    "Mill Lane",
+    "Bridge Street",
+    "King Street",
+    "Castle Road",
+    "Garden Row",
+];

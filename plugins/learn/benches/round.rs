@@ -28,7 +28,7 @@ use std::{
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use searchloop_core::{Agent, AgentConfig, PolicySlot, ToolRegistry, TrajectorySink};
-use searchloop_examples::retail::{self, GeneratorConfig, QuestionKind};
+use searchloop_examples::retail::{self, GeneratorConfig};
 use searchloop_learn::{GroupSource, RoundConfig, RoundContext, RoundObserver, run_round_observed};
 use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy, WeightsEncoding};
 use searchloop_search_tantivy::{
@@ -200,7 +200,7 @@ async fn run(args: Args) -> Result<()> {
     let lines: Vec<String> = dataset
         .questions
         .iter()
-        .filter(|q| q.split == retail::Split::Train && q.kind != QuestionKind::Inventory)
+        .filter(|q| q.split == retail::Split::Train && q.kind.tools() == [retail::TOOL_CATALOG])
         .map(serde_json::to_string)
         .collect::<std::result::Result<_, _>>()?;
     std::fs::write(&questions, lines.join("\n"))?;

@@ -1,9 +1,10 @@
 //! Catalog search benchmark: builds a 100,000-product catalog index, then 16 concurrent callers
 //! issue realistic queries through the `DynTool` interface, as the agent loop does.
 //!
-//! Run with `cargo bench -p searchloop-search-tantivy --bench search`. It prints the index build
-//! time, the index size on disk, per-call latency (p50, p99, mean, max) and queries per second;
-//! it asserts nothing about timings. `SEARCH_BENCH_PRODUCTS` and `SEARCH_BENCH_QUERIES` (per
+//! Run with `"$(scripts/built-target.sh bench search)" --bench`. It prints the index build
+//! time, the index size on disk, and per-call latency (p50, p99, mean, max), queries per second
+//! and CPU per query twice over the same workload: searches inline (the default) and on tokio's
+//! blocking pool, with their ratio. It asserts nothing about timings. `SEARCH_BENCH_PRODUCTS` and `SEARCH_BENCH_QUERIES` (per
 //! caller) override the sizes.
 
 use std::collections::BTreeMap;
@@ -14,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use searchloop_core::DynTool;
-use searchloop_search_tantivy::{CatalogIndex, CatalogSearchTool, Product, Progress};
+use searchloop_search_tantivy::{
+    CatalogIndex, CatalogSearchTool, CatalogToolConfig, Product, Progress,
+};
 use serde_json::json;
 
 const DEFAULT_PRODUCTS: usize = 100_000;
@@ -294,6 +297,7 @@ const QUERY_KINDS: [(&str, usize); 6] = [
 
 /// A query a model might write: its kind, its text, and the SKU it should find first when it
 /// names one product.
+#[derive(Clone)]
 struct BenchQuery {
     text: String,
     expected: Option<String>,
@@ -415,7 +419,15 @@ fn main() -> Result<()> {
         std::fs::metadata(&catalog)?.len() as f64 / (1 << 20) as f64,
     );
 
-    let tool: Arc<dyn DynTool> = Arc::new(CatalogSearchTool::new(Arc::new(index)));
+    let index = Arc::new(index);
+    let tool: Arc<dyn DynTool> = Arc::new(CatalogSearchTool::new(Arc::clone(&index)));
+    let pooled_tool: Arc<dyn DynTool> = Arc::new(CatalogSearchTool::with_config(
+        index,
+        CatalogToolConfig {
+            blocking_pool: true,
+            ..CatalogToolConfig::default()
+        },
+    ));
     let mut rng = Rng(7);
     let warmup: Vec<_> = (0..WARMUP_QUERIES)
         .map(|_| realistic_query(&mut rng, &products))
@@ -453,67 +465,114 @@ fn main() -> Result<()> {
                 ms(mean),
             );
         }
-        let started = Instant::now();
-        let cpu_before = process_cpu_time();
-        let mut callers = Vec::new();
-        for workload in workloads {
-            let tool = Arc::clone(&tool);
-            callers.push(tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(workload.len());
-                let (mut named, mut first) = (0usize, 0usize);
-                let mut chars = 0usize;
-                for BenchQuery { text, expected } in workload {
-                    let call = Instant::now();
-                    let observation = tool.call_json(json!({ "query": text })).await;
-                    latencies.push(call.elapsed());
-                    let observation = observation?;
-                    chars += observation.chars().count();
-                    if let Some(sku) = expected {
-                        named += 1;
-                        first += usize::from(observation.starts_with(&format!("[{sku}]")));
-                    }
-                }
-                anyhow::Ok((latencies, named, first, chars))
-            }));
-        }
-        let mut latencies = Vec::new();
-        let (mut named, mut first, mut chars) = (0, 0, 0);
-        for caller in callers {
-            let (l, n, f, c) = caller.await??;
-            latencies.extend(l);
-            named += n;
-            first += f;
-            chars += c;
-        }
-        let wall = started.elapsed();
-        let cpu = cpu_before.zip(process_cpu_time()).map(|(before, after)| after - before);
-        latencies.sort();
-        let total = latencies.len();
-        let mean = latencies.iter().sum::<Duration>() / total.max(1) as u32;
+        // The same workload with searches inline (the default) and on tokio's blocking pool.
+        let inline = concurrent_run(Arc::clone(&tool), workloads.clone()).await?;
+        inline.print("searches inline (default)");
+        let pooled = concurrent_run(Arc::clone(&pooled_tool), workloads).await?;
+        pooled.print("searches on the blocking pool");
         println!(
-            "search via DynTool, {CALLERS} concurrent callers: {total} queries in {:.2} s = {:.0} queries/s",
-            wall.as_secs_f64(),
-            total as f64 / wall.as_secs_f64()
-        );
-        println!(
-            "latency per call: p50 {:.3} ms, p99 {:.3} ms, mean {:.3} ms, max {:.3} ms",
-            ms(percentile(&latencies, 0.50)),
-            ms(percentile(&latencies, 0.99)),
-            ms(mean),
-            ms(latencies.last().copied().unwrap_or_default()),
-        );
-        if let Some(cpu) = cpu {
-            println!(
-                "CPU time per query (all threads): {:.3} ms; {:.0} queries/s per fully used core",
-                ms(cpu) / total as f64,
-                total as f64 / cpu.as_secs_f64()
-            );
-        }
-        println!(
-            "named-product queries answered with that product first: {first}/{named}; mean observation {:.0} chars",
-            chars as f64 / total.max(1) as f64
+            "inline / blocking pool: p99 {:.2}x, CPU per query {:.2}x",
+            inline.p99_ms / pooled.p99_ms,
+            inline.cpu_ms_per_query / pooled.cpu_ms_per_query,
         );
         anyhow::Ok(())
     })?;
     Ok(())
+}
+
+/// What one concurrent run measured.
+struct Figures {
+    queries: usize,
+    wall_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    mean_ms: f64,
+    max_ms: f64,
+    cpu_ms_per_query: f64,
+    named: usize,
+    first: usize,
+    mean_chars: f64,
+}
+
+impl Figures {
+    fn print(&self, label: &str) {
+        println!(
+            "{label}, {CALLERS} concurrent callers: {} queries in {:.2} s = {:.0} queries/s",
+            self.queries,
+            self.wall_s,
+            self.queries as f64 / self.wall_s
+        );
+        println!(
+            "  latency per call: p50 {:.3} ms, p99 {:.3} ms, mean {:.3} ms, max {:.3} ms",
+            self.p50_ms, self.p99_ms, self.mean_ms, self.max_ms
+        );
+        println!(
+            "  CPU time per query (all threads): {:.3} ms; {:.0} queries/s per fully used core",
+            self.cpu_ms_per_query,
+            1e3 / self.cpu_ms_per_query
+        );
+        println!(
+            "  named-product queries answered with that product first: {}/{}; mean observation {:.0} chars",
+            self.first, self.named, self.mean_chars
+        );
+    }
+}
+
+/// Runs every workload as one concurrent caller of `tool`.
+async fn concurrent_run(
+    tool: Arc<dyn DynTool>,
+    workloads: Vec<Vec<BenchQuery>>,
+) -> Result<Figures> {
+    let started = Instant::now();
+    let cpu_before = process_cpu_time();
+    let mut callers = Vec::new();
+    for workload in workloads {
+        let tool = Arc::clone(&tool);
+        callers.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(workload.len());
+            let (mut named, mut first) = (0usize, 0usize);
+            let mut chars = 0usize;
+            for BenchQuery { text, expected } in workload {
+                let call = Instant::now();
+                let observation = tool.call_json(json!({ "query": text })).await;
+                latencies.push(call.elapsed());
+                let observation = observation?;
+                chars += observation.chars().count();
+                if let Some(sku) = expected {
+                    named += 1;
+                    first += usize::from(observation.starts_with(&format!("[{sku}]")));
+                }
+            }
+            anyhow::Ok((latencies, named, first, chars))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let (mut named, mut first, mut chars) = (0, 0, 0);
+    for caller in callers {
+        let (l, n, f, c) = caller.await??;
+        latencies.extend(l);
+        named += n;
+        first += f;
+        chars += c;
+    }
+    let wall = started.elapsed();
+    let cpu = cpu_before
+        .zip(process_cpu_time())
+        .map(|(before, after)| after - before);
+    latencies.sort();
+    let total = latencies.len();
+    let mean = latencies.iter().sum::<Duration>() / total.max(1) as u32;
+    Ok(Figures {
+        queries: total,
+        wall_s: wall.as_secs_f64(),
+        p50_ms: ms(percentile(&latencies, 0.50)),
+        p99_ms: ms(percentile(&latencies, 0.99)),
+        mean_ms: ms(mean),
+        max_ms: ms(latencies.last().copied().unwrap_or_default()),
+        // Without a process CPU clock the figure reads as not measured.
+        cpu_ms_per_query: cpu.map_or(f64::NAN, |cpu| ms(cpu) / total.max(1) as f64),
+        named,
+        first,
+        mean_chars: chars as f64 / total.max(1) as f64,
+    })
 }

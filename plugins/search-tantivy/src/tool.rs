@@ -1,12 +1,17 @@
 //! The catalog as a searchloop [`Tool`]: `<search>query</search>` becomes `{"query": ...}`.
 //!
-//! Searching is blocking work (term lookups, postings, stored records), so each call runs on
-//! tokio's blocking pool and the async executor never stalls. At most
-//! [`CatalogToolConfig::max_parallel_searches`] searches run at once (by default one per core);
-//! further callers wait their turn in order without holding a thread. Searches are short, so
-//! queueing them beats running more threads than cores, which only lets the OS pause a search
-//! half-way for a whole time slice. A call abandoned by its caller (a timeout) still finishes
-//! on the pool and its result is dropped; the index is only read.
+//! A search is short, CPU-bound work (term lookups, postings, a few stored records: about
+//! 0.07 ms on a 100,000-product catalog), so by default it runs inline on the async worker that
+//! awaits it. Handing it to tokio's blocking pool instead costs two thread wake-ups per call,
+//! which measured as much CPU as the search itself and doubled p99 under 16 callers
+//! (BENCHMARKS.md). Hosts whose index sits on a slow or cold disk, where a search can wait on
+//! page faults, set [`CatalogToolConfig::blocking_pool`] to keep the executor free.
+//!
+//! At most [`CatalogToolConfig::max_parallel_searches`] searches run at once (by default one per
+//! core); further callers wait their turn in order without holding a thread. Queueing short
+//! searches beats running more of them than there are cores, which only lets the OS pause a
+//! search half-way for a whole time slice. On the blocking pool, a call abandoned by its caller
+//! (a timeout) still finishes there and its result is dropped; the index is only read.
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -38,6 +43,8 @@ pub struct CatalogToolConfig {
     pub max_chars: usize,
     /// Most searches running at once (default: the number of cores; at least 1).
     pub max_parallel_searches: usize,
+    /// Run each search on tokio's blocking pool rather than inline (default `false`).
+    pub blocking_pool: bool,
 }
 
 impl Default for CatalogToolConfig {
@@ -49,6 +56,7 @@ impl Default for CatalogToolConfig {
             max_chars: 1_200,
             max_parallel_searches: std::thread::available_parallelism()
                 .map_or(1, NonZeroUsize::get),
+            blocking_pool: false,
         }
     }
 }
@@ -171,12 +179,16 @@ impl Tool for CatalogSearchTool {
     }
 
     async fn call(&self, args: SearchArgs) -> Result<String, ToolError> {
-        // The permit moves into the search, so an abandoned call keeps it until the search
-        // it started is done.
+        // On the blocking pool the permit moves into the search, so an abandoned call keeps it
+        // until the search it started is done.
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
             .map_err(|e| CatalogError::Task(e.to_string()))?;
+        if !self.config.blocking_pool {
+            // Nothing below awaits, so a cancelled call never leaves a search half-done.
+            return self.observe(&args).map_err(ToolError::from);
+        }
         let tool = self.clone();
         tokio::task::spawn_blocking(move || {
             let observation = tool.observe(&args);

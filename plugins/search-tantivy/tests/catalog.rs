@@ -14,7 +14,8 @@ use searchloop_core::conformance::{ConformanceConfig, check_tool};
 use searchloop_core::{DynTool, ToolError, ToolRegistry};
 use searchloop_examples::retail::{self, GeneratorConfig, QuestionKind, RetailDataset};
 use searchloop_search_tantivy::{
-    CatalogError, CatalogIndex, CatalogQuery, CatalogSearchTool, CatalogSource, Product, Progress,
+    CatalogError, CatalogIndex, CatalogQuery, CatalogSearchTool, CatalogSource, CatalogToolConfig,
+    Product, Progress,
 };
 use serde_json::json;
 use tempfile::TempDir;
@@ -793,7 +794,16 @@ async fn observations_are_compact_lines_with_the_facts_questions_ask_about() -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_calls_return_what_sequential_calls_return() -> Result<()> {
     let (_dir, index) = generated_index()?;
-    let tool = tool_over(index);
+    let index = Arc::new(index);
+    let tool: Arc<dyn DynTool> = Arc::new(CatalogSearchTool::new(Arc::clone(&index)));
+    // The same index searched on tokio's blocking pool must answer exactly as inline searches.
+    let pooled: Arc<dyn DynTool> = Arc::new(CatalogSearchTool::with_config(
+        index,
+        CatalogToolConfig {
+            blocking_pool: true,
+            ..CatalogToolConfig::default()
+        },
+    ));
     let names: Vec<String> = dataset()
         .products
         .iter()
@@ -806,7 +816,7 @@ async fn concurrent_calls_return_what_sequential_calls_return() -> Result<()> {
     }
     let mut tasks = Vec::new();
     for caller in 0..16 {
-        let tool = Arc::clone(&tool);
+        let tool = Arc::clone(if caller % 2 == 0 { &tool } else { &pooled });
         let names = names.clone();
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();

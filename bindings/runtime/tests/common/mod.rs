@@ -74,6 +74,7 @@ impl Workspace {
             index: dir.path().join("index"),
             products: vec![files.catalog_jsonl],
             default_limit: 3,
+            blocking_pool: false,
         })];
         config.store.url = dir.path().join("store.db").display().to_string();
         Self {

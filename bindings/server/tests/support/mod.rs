@@ -112,6 +112,7 @@ pub fn retail_config(dir: &Path) -> (AppConfig, RetailDataset) {
             index: dir.join("index"),
             products: vec![files.catalog_jsonl],
             default_limit: 3,
+            blocking_pool: false,
         })],
         store: StoreSection {
             url: dir.join("store.db").to_string_lossy().into_owned(),
