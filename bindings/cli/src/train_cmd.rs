@@ -255,11 +255,12 @@ pub async fn train(config_path: &Path, args: TrainArgs) -> anyhow::Result<()> {
     println!("  merged   {}", out.merged_gguf.display());
     println!("  metrics  {}", out.metrics_jsonl.display());
     println!(
-        "  batch    {} episodes ({} replay, {} feedback) in {} groups, {} with equal rewards; \
-         reward {:.3} ± {:.3}",
+        "  batch    {} episodes ({} replay, {} feedback, {} of them against a running \
+         baseline) in {} groups, {} with equal rewards; reward {:.3} ± {:.3}",
         s.batch.sequences,
         s.batch.replay_sequences,
         s.batch.feedback_sequences,
+        s.batch.baselined_sequences,
         s.batch.groups,
         s.batch.zero_std_groups,
         s.batch.reward_mean,

@@ -370,6 +370,7 @@ fn train_only(args: &Args, batch: &Path) -> Result<()> {
             behaviour_logprobs: d.logprobs,
             reward: d.reward,
             group_id: d.group,
+            baseline: None,
             temperature: f64::from(d.temperature),
         })
         .collect();

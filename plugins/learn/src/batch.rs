@@ -1,10 +1,10 @@
 //! From stored trajectories to the trainer's input: one [`TrainSequence`] per usable episode,
 //! with the reasons the others were left out, and the batch statistics the metrics report.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use searchloop_core::{Trajectory, reward};
-use searchloop_train_sapo::TrainSequence;
+use searchloop_train_sapo::{AdvantageConfig, TrainSequence, group_advantages};
 use serde::{Deserialize, Serialize};
 
 /// Why an episode cannot be trained on.
@@ -71,6 +71,7 @@ pub fn to_train_sequence(
         behaviour_logprobs: t.logprobs.clone(),
         reward,
         group_id: group_id.to_string(),
+        baseline: None,
         temperature: f64::from(s.temperature),
     })
 }
@@ -108,18 +109,20 @@ pub enum Origin {
 }
 
 impl BatchBuilder {
-    /// Adds `t` with training reward `reward` to group `group_id`, or counts why it cannot be.
+    /// Adds `t` with training reward `reward` to group `group_id`, or with a fixed `baseline`
+    /// instead of a group (see [`TrainSequence::baseline`]); or counts why it cannot be.
     pub fn push(
         &mut self,
         t: &Trajectory,
         reward: f64,
         group_id: &str,
+        baseline: Option<f64>,
         origin: Origin,
         limits: SequenceLimits,
     ) {
         match to_train_sequence(t, reward, group_id, limits) {
             Ok(s) => {
-                self.sequences.push(s);
+                self.sequences.push(TrainSequence { baseline, ..s });
                 self.tool_calls.push(t.tool_calls.len());
                 match origin {
                     Origin::Replay => self.replay += 1,
@@ -156,8 +159,11 @@ pub struct BatchStats {
     pub replay_sequences: usize,
     /// Of which logged with host feedback.
     pub feedback_sequences: usize,
-    /// Distinct groups.
+    /// Distinct groups; an episode trained against a baseline counts as a group of its own.
     pub groups: usize,
+    /// Episodes trained against a running per-kind baseline instead of a group.
+    #[serde(default)]
+    pub baselined_sequences: usize,
     /// Groups whose rewards are all equal (no GRPO signal).
     pub zero_std_groups: usize,
     /// `zero_std_groups / groups`.
@@ -185,25 +191,26 @@ impl BatchStats {
         let mean = |f: &dyn Fn(&TrainSequence) -> f64| sequences.iter().map(f).sum::<f64>() / n;
         let reward_mean = mean(&|s| s.reward);
         let reward_std = mean(&|s| (s.reward - reward_mean).powi(2)).sqrt();
-        let mut groups: HashMap<&str, Vec<f64>> = HashMap::new();
-        for s in sequences {
-            groups
-                .entry(s.group_id.as_str())
-                .or_default()
-                .push(s.reward);
-        }
-        // The trainer's criterion: a group whose rewards are all equal (or a group of one).
-        let zero_std_groups = groups
-            .values()
-            .filter(|r| r.iter().all(|&x| (x - r[0]).abs() <= 1e-12))
-            .count();
+        // The trainer's own grouping, so the counts are the ones training sees. `push` admits
+        // finite rewards only, so the computation cannot fail; an error would read as no groups.
+        let rewards: Vec<f64> = sequences.iter().map(|s| s.reward).collect();
+        let group_ids: Vec<&str> = sequences.iter().map(|s| s.group_id.as_str()).collect();
+        let baselines: Vec<Option<f64>> = sequences.iter().map(|s| s.baseline).collect();
+        let (groups, zero_std_groups) = group_advantages(
+            &rewards,
+            &group_ids,
+            &baselines,
+            &AdvantageConfig::default(),
+        )
+        .map_or((0, 0), |a| (a.groups, a.zero_std_groups));
         BatchStats {
             sequences: sequences.len(),
             replay_sequences: builder.replay,
             feedback_sequences: builder.feedback,
-            groups: groups.len(),
+            groups,
+            baselined_sequences: baselines.iter().flatten().count(),
             zero_std_groups,
-            zero_std_frac: zero_std_groups as f64 / groups.len().max(1) as f64,
+            zero_std_frac: zero_std_groups as f64 / groups.max(1) as f64,
             reward_mean,
             reward_std,
             response_len_mean: mean(&|s| s.loss_mask.iter().skip(1).filter(|&&m| m).count() as f64),
@@ -318,7 +325,7 @@ mod tests {
         let mut batch = BatchBuilder::default();
         for (t, limits, reason) in &cases {
             assert_eq!(to_train_sequence(t, 1.0, "g", *limits), Err(*reason));
-            batch.push(t, 1.0, "g", Origin::Replay, *limits);
+            batch.push(t, 1.0, "g", None, Origin::Replay, *limits);
         }
         assert_eq!(
             to_train_sequence(&trajectory(1.0), f64::NAN, "g", LIMITS),
@@ -335,21 +342,25 @@ mod tests {
     fn batch_statistics_follow_the_trainer_criteria() {
         let mut batch = BatchBuilder::default();
         let t = trajectory(1.0);
-        for (reward, group, origin) in [
-            (1.0, "a", Origin::Replay),
-            (0.0, "a", Origin::Replay),
-            (0.5, "b", Origin::Feedback),
-            (0.5, "b", Origin::Feedback),
-            (1.0, "c", Origin::Feedback),
+        for (reward, group, baseline, origin) in [
+            (1.0, "a", None, Origin::Replay),
+            (0.0, "a", None, Origin::Replay),
+            (0.5, "b", None, Origin::Feedback),
+            (0.5, "b", None, Origin::Feedback),
+            (1.0, "c", None, Origin::Feedback),
+            (1.0, "k", Some(0.25), Origin::Feedback),
+            (0.25, "k", Some(0.25), Origin::Feedback),
         ] {
-            batch.push(&t, reward, group, origin, LIMITS);
+            batch.push(&t, reward, group, baseline, origin, LIMITS);
         }
         let (seqs, stats) = batch.finish();
-        assert_eq!(seqs.len(), 5);
-        assert_eq!((stats.replay_sequences, stats.feedback_sequences), (2, 3));
-        assert_eq!((stats.groups, stats.zero_std_groups), (3, 2));
-        assert!((stats.reward_mean - 0.6).abs() < 1e-12);
-        assert!((stats.reward_std - (0.7f64 / 5.0).sqrt()).abs() < 1e-12);
+        assert_eq!(seqs.len(), 7);
+        assert_eq!(seqs[5].baseline, Some(0.25));
+        assert_eq!((stats.replay_sequences, stats.feedback_sequences), (2, 5));
+        // The baselined episodes are groups of their own; the one at its baseline has no signal.
+        assert_eq!((stats.groups, stats.zero_std_groups), (5, 3));
+        assert_eq!(stats.baselined_sequences, 2);
+        assert!((stats.reward_mean - 4.25 / 7.0).abs() < 1e-12);
         assert_eq!(stats.response_len_mean, 3.0);
         assert_eq!(stats.sequence_len_mean, 9.0);
     }

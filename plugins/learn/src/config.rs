@@ -16,7 +16,8 @@ pub enum GroupSource {
     /// agent and rewarded by exact match, F1 and format.
     Replay,
     /// Logged episodes that carry host feedback, grouped by prompt where a prompt repeats, and
-    /// otherwise against the mean reward of their task kind.
+    /// otherwise against the running mean feedback reward of their task kind (the in-batch
+    /// mean of the kind until a round has recorded one).
     Feedback,
     /// Both of the above in one batch.
     #[default]

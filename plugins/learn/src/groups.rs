@@ -2,7 +2,7 @@
 //! logged episodes with host feedback read from the store.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::atomic::{AtomicBool, Ordering},
 };
 
@@ -11,6 +11,7 @@ use searchloop_core::{
     Agent, AgentConfig, EpisodeRequest, RewardPolicy, SamplingParams, Trajectory,
 };
 use searchloop_store_sql::{Cursor, GroupQuery, Store};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{
@@ -104,7 +105,7 @@ pub(crate) async fn replay_groups(
                 continue;
             };
             let group_id = t.group_id.clone().unwrap_or_default();
-            batch.push(t, reward, &group_id, Origin::Replay, limits);
+            batch.push(t, reward, &group_id, None, Origin::Replay, limits);
         }
         progress(stats.episodes, total);
     }
@@ -112,22 +113,52 @@ pub(crate) async fn replay_groups(
     Ok(stats)
 }
 
+/// Most feedback episodes a running baseline averages over: past that, each new reward
+/// replaces 1/256 of the mean, so the baseline follows a policy that improves.
+const BASELINE_WINDOW: u64 = 256;
+
+/// The mean feedback reward of one task kind over the rounds of an adapter lineage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningMean {
+    /// The mean reward.
+    pub mean: f64,
+    /// Feedback episodes seen (the mean weighs at most the last [`BASELINE_WINDOW`] evenly).
+    pub count: u64,
+}
+
+impl RunningMean {
+    /// Adds one reward: a plain mean for the first [`BASELINE_WINDOW`], then an exponential
+    /// moving average with weight `1 / BASELINE_WINDOW`.
+    pub fn add(&mut self, reward: f64) {
+        self.count = self.count.saturating_add(1);
+        let weight = 1.0 / self.count.min(BASELINE_WINDOW) as f64;
+        self.mean += (reward - self.mean) * weight;
+    }
+}
+
+/// Running feedback baselines by task kind, carried from round to round in the adapter
+/// registry next to the feedback cursor.
+pub type FeedbackBaselines = BTreeMap<String, RunningMean>;
+
 /// Adds the logged episodes with host feedback whose ledgers changed after `since` (at most
 /// `config.max_feedback_episodes`, the newest) to `batch`, and returns where the next round
-/// should resume.
+/// should resume and the baselines updated with this round's feedback.
 ///
 /// Episodes of one group id stay together when at least two of them carry feedback. The rest
-/// are grouped by their exact prompt where it repeats; an episode whose prompt is unique
-/// joins the other unique ones of its task kind, so its advantage is taken against the mean
-/// reward of that kind in this batch (the baseline a single episode can be given).
+/// are grouped by their exact prompt where it repeats. An episode whose prompt is unique has
+/// no group: its advantage is its reward minus the running mean feedback reward of its task
+/// kind in `baselines` (the parent round's, so an episode's own reward never sits in its
+/// baseline). A kind without history yet falls back to the in-batch mean: its unique episodes
+/// form one group.
 pub(crate) async fn feedback_groups(
     store: &Store,
     since: Cursor,
+    baselines: &FeedbackBaselines,
     config: &RoundConfig,
     limits: SequenceLimits,
     batch: &mut BatchBuilder,
     cancel: &AtomicBool,
-) -> Result<Cursor> {
+) -> Result<(Cursor, FeedbackBaselines)> {
     let mut stream = store
         .rewarded_groups(GroupQuery {
             since,
@@ -150,14 +181,40 @@ pub(crate) async fn feedback_groups(
     // Newest first, then keep the budget; ids are UUIDv7, so they break ties in time order.
     members.sort_by(|a, b| (b.0.created_at, &b.0.id).cmp(&(a.0.created_at, &a.0.id)));
     members.truncate(config.max_feedback_episodes);
-    for (t, reward, group) in assign_feedback_groups(&members) {
-        batch.push(t, reward, &group, Origin::Feedback, limits);
+    for (t, reward, group, baseline) in assign_feedback_groups(&members, baselines) {
+        batch.push(t, reward, &group, baseline, Origin::Feedback, limits);
     }
-    Ok(next)
+    Ok((next, updated_baselines(baselines, &members)))
 }
 
-/// The group each feedback episode trains in (see [`feedback_groups`]).
-fn assign_feedback_groups(members: &[(Trajectory, f64)]) -> Vec<(&Trajectory, f64, String)> {
+/// The task kind a feedback episode is baselined by ("" without task metadata).
+fn task_kind(t: &Trajectory) -> &str {
+    t.task.as_ref().map_or("", |task| task.kind.as_str())
+}
+
+/// `baselines` with the rewards of `members` (newest first) added, oldest first. Every episode
+/// with host feedback counts, trainable or not (a greedy one still shows how the policy does);
+/// one whose feedback changed after an earlier round counts again, with its new reward.
+fn updated_baselines(
+    baselines: &FeedbackBaselines,
+    members: &[(Trajectory, f64)],
+) -> FeedbackBaselines {
+    let mut updated = baselines.clone();
+    for (t, reward) in members.iter().rev() {
+        updated
+            .entry(task_kind(t).to_string())
+            .or_default()
+            .add(*reward);
+    }
+    updated
+}
+
+/// The group each feedback episode trains in, and its baseline when it trains against one
+/// instead (see [`feedback_groups`]).
+fn assign_feedback_groups<'a>(
+    members: &'a [(Trajectory, f64)],
+    baselines: &FeedbackBaselines,
+) -> Vec<(&'a Trajectory, f64, String, Option<f64>)> {
     let mut by_group: HashMap<&str, usize> = HashMap::new();
     for (t, _) in members {
         if let Some(g) = t.group_id.as_deref() {
@@ -178,12 +235,18 @@ fn assign_feedback_groups(members: &[(Trajectory, f64)]) -> Vec<(&Trajectory, f6
                 _ if by_prompt[t.prompt_text.as_str()] >= 2 => {
                     format!("feedback:prompt:{}", short_hash(&t.prompt_text))
                 }
-                _ => format!(
-                    "feedback:kind:{}",
-                    t.task.as_ref().map_or("", |task| task.kind.as_str())
-                ),
+                _ => {
+                    let kind = task_kind(t);
+                    let baseline = baselines.get(kind).filter(|b| b.count > 0);
+                    return (
+                        t,
+                        *reward,
+                        format!("feedback:kind:{kind}"),
+                        baseline.map(|b| b.mean),
+                    );
+                }
             };
-            (t, *reward, group)
+            (t, *reward, group, None)
         })
         .collect()
 }
@@ -246,10 +309,9 @@ mod tests {
         .into_iter()
         .map(|t| (t, 1.0))
         .collect();
-        let groups: Vec<String> = assign_feedback_groups(&members)
-            .into_iter()
-            .map(|(_, _, g)| g)
-            .collect();
+        // No history yet: unique prompts fall back to one in-batch group per kind.
+        let assigned = assign_feedback_groups(&members, &FeedbackBaselines::new());
+        let groups: Vec<&str> = assigned.iter().map(|(_, _, g, _)| g.as_str()).collect();
         assert_eq!(groups[0], "feedback:group:g1");
         assert_eq!(groups[1], "feedback:group:g1");
         // g2 has one feedback member, so it joins the other episode of its prompt.
@@ -258,6 +320,65 @@ mod tests {
         assert_eq!(groups[4], "feedback:kind:inventory");
         assert_eq!(groups[5], "feedback:kind:inventory");
         assert_eq!(groups[6], "feedback:kind:single_hop");
+        assert!(assigned.iter().all(|(_, _, _, b)| b.is_none()));
+
+        // With a running mean for inventory, its unique episodes train against it; grouped
+        // episodes and kinds without history are unchanged.
+        let mut baselines = FeedbackBaselines::new();
+        baselines.insert(
+            "inventory".into(),
+            RunningMean {
+                mean: 0.25,
+                count: 3,
+            },
+        );
+        let assigned = assign_feedback_groups(&members, &baselines);
+        let with: Vec<Option<f64>> = assigned.iter().map(|(_, _, _, b)| *b).collect();
+        assert_eq!(with, [None, None, None, None, Some(0.25), Some(0.25), None]);
+        assert_eq!(assigned[6].2, "feedback:kind:single_hop");
+    }
+
+    #[test]
+    fn running_means_average_then_follow_recent_rewards() {
+        let mut m = RunningMean::default();
+        for r in [1.0, 0.0, 0.5] {
+            m.add(r);
+        }
+        assert!((m.mean - 0.5).abs() < 1e-12 && m.count == 3);
+        // Past the window, a reward moves the mean by 1/BASELINE_WINDOW of its distance.
+        let mut full = RunningMean {
+            mean: 0.0,
+            count: BASELINE_WINDOW,
+        };
+        full.add(1.0);
+        assert!((full.mean - 1.0 / BASELINE_WINDOW as f64).abs() < 1e-12);
+
+        // Updating adds every member's reward to its kind, oldest first.
+        let members: Vec<(Trajectory, f64)> = vec![
+            (episode("n", None, "p1", "toy"), 1.0),
+            (episode("o", None, "p2", "toy"), 0.0),
+            (episode("x", None, "p3", "other"), -1.0),
+        ];
+        let mut before = FeedbackBaselines::new();
+        before.insert(
+            "toy".into(),
+            RunningMean {
+                mean: 0.5,
+                count: 2,
+            },
+        );
+        let after = updated_baselines(&before, &members);
+        assert_eq!(after["toy"].count, 4);
+        assert!((after["toy"].mean - 0.5).abs() < 1e-12);
+        assert_eq!(
+            after["other"],
+            RunningMean {
+                mean: -1.0,
+                count: 1
+            }
+        );
+        // The parent's baselines are not changed in place.
+        assert_eq!(before["toy"].count, 2);
     }
 
     #[test]

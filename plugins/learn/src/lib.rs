@@ -7,7 +7,10 @@
 //!   questions, sampled through the serving agent (so they are logged like any episode) and
 //!   rewarded by exact match, F1 and format;
 //! - **feedback**: logged episodes whose reward ledger holds host feedback, read from the store
-//!   from where the parent adapter's round stopped.
+//!   from where the parent adapter's round stopped. They are grouped by group id or by prompt
+//!   where those repeat; an episode with a unique prompt trains against a running mean of its
+//!   task kind's feedback reward ([`RunningMean`]), kept per adapter lineage in the registry
+//!   ([`FEEDBACK_BASELINES_KEY`]).
 //!
 //! Each episode becomes a [`searchloop_train_sapo::TrainSequence`] ([`batch`]): its exact token
 //! ids, a loss mask over the model's own tokens, the behaviour log-probs and the temperature
@@ -59,9 +62,10 @@ pub use batch::{BatchStats, SkipReason};
 pub use config::{GroupSource, MergedWeights, RoundConfig};
 pub use error::{LearnError, Result};
 pub use eval::{EvalReport, evaluate, evaluate_observed};
+pub use groups::{FeedbackBaselines, RunningMean};
 pub use metrics::{METRICS_FILE, RoundSummary};
 pub use prompts::{EvalItem, TrainPrompt, read_eval_items, read_train_prompts};
 pub use round::{
-    FEEDBACK_CURSOR_KEY, MERGED_FILE, RoundContext, RoundObserver, RoundOutput, run_round,
-    run_round_observed,
+    FEEDBACK_BASELINES_KEY, FEEDBACK_CURSOR_KEY, MERGED_FILE, RoundContext, RoundObserver,
+    RoundOutput, run_round, run_round_observed,
 };

@@ -29,7 +29,7 @@ use crate::{
     batch::{BatchBuilder, BatchStats, SequenceLimits},
     config::RoundConfig,
     error::{LearnError, Result},
-    groups::{feedback_groups, replay_agent, replay_groups},
+    groups::{FeedbackBaselines, feedback_groups, replay_agent, replay_groups},
     metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
     prompts::{logged_train_prompts, pick_prompts, read_train_prompts},
 };
@@ -40,6 +40,11 @@ pub const MERGED_FILE: &str = "merged.gguf";
 /// The key of the registry's training config under which a round records where its feedback
 /// reading stopped; the next round from that adapter resumes there.
 pub const FEEDBACK_CURSOR_KEY: &str = "feedback_cursor";
+
+/// The key of the registry's training config under which a round records the running mean
+/// feedback reward per task kind (a map of kind to [`RunningMean`]); the next round from that
+/// adapter baselines unique-prompt feedback episodes with it.
+pub const FEEDBACK_BASELINES_KEY: &str = "feedback_baselines";
 
 /// What a round works with.
 #[derive(Debug, Clone, Copy)]
@@ -163,14 +168,17 @@ pub async fn run_round_observed(
         )
         .await?;
     }
-    let since = match ctx.parent {
-        Some(v) => parent_cursor(ctx.store, v).await?,
-        None => Cursor::START,
+    let (since, baselines) = match ctx.parent {
+        Some(v) => parent_feedback_state(ctx.store, v).await?,
+        None => (Cursor::START, FeedbackBaselines::new()),
     };
-    let feedback_cursor = if config.source.feedback() {
-        feedback_groups(ctx.store, since, config, limits, &mut batch, ctx.cancel).await?
+    let (feedback_cursor, baselines) = if config.source.feedback() {
+        feedback_groups(
+            ctx.store, since, &baselines, config, limits, &mut batch, ctx.cancel,
+        )
+        .await?
     } else {
-        since
+        (since, baselines)
     };
     let (sequences, stats) = batch.finish();
     check_trainable(&stats, config)?;
@@ -262,6 +270,10 @@ pub async fn run_round_observed(
             FEEDBACK_CURSOR_KEY.into(),
             serde_json::to_value(feedback_cursor).unwrap_or_default(),
         );
+        map.insert(
+            FEEDBACK_BASELINES_KEY.into(),
+            serde_json::to_value(&baselines).unwrap_or_default(),
+        );
     }
     let registered = ctx
         .store
@@ -326,17 +338,28 @@ fn check_trainable(stats: &BatchStats, config: &RoundConfig) -> Result<()> {
     Ok(())
 }
 
-/// Where the feedback reading of the round that produced adapter `version` stopped.
-async fn parent_cursor(store: &Store, version: u64) -> Result<Cursor> {
+/// Where the feedback reading of the round that produced adapter `version` stopped, and the
+/// feedback baselines it left. A record without them (an adapter trained before rounds kept
+/// baselines, or registered by hand) starts both afresh.
+async fn parent_feedback_state(store: &Store, version: u64) -> Result<(Cursor, FeedbackBaselines)> {
     let record = store
         .get_adapter(version)
         .await?
         .ok_or(searchloop_store_sql::StoreError::UnknownAdapter(version))?;
-    Ok(record
-        .training_config
-        .get(FEEDBACK_CURSOR_KEY)
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or(Cursor::START))
+    let read = |key: &str| record.training_config.get(key).cloned();
+    let cursor = read(FEEDBACK_CURSOR_KEY)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or(Cursor::START);
+    let baselines: FeedbackBaselines = read(FEEDBACK_BASELINES_KEY)
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    // The registry is read back from disk: a non-finite or negative-count entry is dropped
+    // rather than allowed to poison every advantage of its kind.
+    let baselines = baselines
+        .into_iter()
+        .filter(|(_, b)| b.mean.is_finite() && b.count > 0)
+        .collect();
+    Ok((cursor, baselines))
 }
 
 /// sha256 of the adapter's weights file, in hex.

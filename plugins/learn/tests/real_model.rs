@@ -174,6 +174,7 @@ async fn serving_and_trainer_log_probs_match_on_the_real_model() {
         behaviour_logprobs: logprobs,
         reward: 0.0,
         group_id: "g".into(),
+        baseline: None,
         temperature: 0.7,
     };
     let (q_mean, q_max, q_n) = gap(&trainer_model, &q);

@@ -317,7 +317,24 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
     assert!(matches!(err, LearnError::NoData(_)), "{err}");
     assert_eq!(entries(&adapters), ["v1"]);
 
-    // Late feedback on two episodes of one question makes exactly that group trainable again.
+    // The round left the running mean of its kind's training reward over the 13 episodes with
+    // feedback, the greedy one included (not trainable, but it shows how the policy does).
+    let baselines: searchloop_learn::FeedbackBaselines = serde_json::from_value(
+        out.candidate.training_config[searchloop_learn::FEEDBACK_BASELINES_KEY].clone(),
+    )
+    .unwrap();
+    let toy = baselines["toy"];
+    let policy = setup.store.options().reward_policy.clone();
+    let mut expected = 0.0;
+    for t in logged.iter().chain([&greedy]) {
+        let stored = setup.store.get_trajectory(&t.id).await.unwrap().unwrap();
+        expected += policy.combine(&stored.rewards).unwrap() / 13.0;
+    }
+    assert_eq!(toy.count, 13);
+    assert!((toy.mean - expected).abs() < 1e-9, "{toy:?} vs {expected}");
+
+    // Late feedback on two episodes of one question makes exactly that group trainable again,
+    // and a question asked once trains against the parent's running mean of its kind.
     for (t, value) in logged[4..6].iter().zip([1.0, -1.0]) {
         setup
             .store
@@ -325,11 +342,27 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
             .await
             .unwrap();
     }
+    let once = served(&agent, "question 7", 70).await;
+    setup
+        .store
+        .add_feedback(&once.id, FeedbackInput::new("resolved", 1.0))
+        .await
+        .unwrap();
     let out2 = run_round(&ctx, &config).await.unwrap();
-    assert_eq!(out2.summary.batch.feedback_sequences, 2);
+    let batch = &out2.summary.batch;
+    assert_eq!(batch.feedback_sequences, 3);
+    assert_eq!(batch.baselined_sequences, 1);
+    // The question-1 group and the baselined episode, each with a non-zero advantage unless
+    // the mean is exactly 1.
+    assert_eq!(batch.groups, 2);
     assert_eq!(out2.candidate.parent_version, Some(1));
     assert!(out2.feedback_cursor > out.feedback_cursor);
     assert_eq!(entries(&adapters), ["v1", "v2"]);
+    let after: searchloop_learn::FeedbackBaselines = serde_json::from_value(
+        out2.candidate.training_config[searchloop_learn::FEEDBACK_BASELINES_KEY].clone(),
+    )
+    .unwrap();
+    assert_eq!(after["toy"].count, 16);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

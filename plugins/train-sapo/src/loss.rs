@@ -108,28 +108,52 @@ pub struct Advantages {
 ///
 /// The standard deviation is the unbiased sample estimate (`n - 1` in the denominator), as in
 /// TRL and verl. A group of one has no spread and counts as a zero-std group.
+///
+/// A sequence with a baseline (`baselines[i]` is `Some(b)`) is not grouped: its advantage is
+/// `R_i - b`, unscaled, since a single episode has no spread to scale by. It counts as a group
+/// of its own, a zero-std one when `R_i = b`.
 pub fn group_advantages<S: AsRef<str>>(
     rewards: &[f64],
     group_ids: &[S],
+    baselines: &[Option<f64>],
     config: &AdvantageConfig,
 ) -> Result<Advantages> {
-    if rewards.len() != group_ids.len() {
+    if rewards.len() != group_ids.len() || rewards.len() != baselines.len() {
         return Err(TrainError::InvalidInput(format!(
-            "{} rewards but {} group ids",
+            "{} rewards but {} group ids and {} baselines",
             rewards.len(),
-            group_ids.len()
+            group_ids.len(),
+            baselines.len()
         )));
     }
-    if let Some(bad) = rewards.iter().find(|r| !r.is_finite()) {
-        return Err(TrainError::InvalidInput(format!("non-finite reward {bad}")));
+    if let Some(bad) = rewards
+        .iter()
+        .chain(baselines.iter().flatten())
+        .find(|r| !r.is_finite())
+    {
+        return Err(TrainError::InvalidInput(format!(
+            "non-finite reward or baseline {bad}"
+        )));
     }
     let mut members: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, g) in group_ids.iter().enumerate() {
-        members.entry(g.as_ref()).or_default().push(i);
-    }
     let mut values = vec![0.0; rewards.len()];
     let mut keep = vec![true; rewards.len()];
     let mut zero_std_groups = 0;
+    let mut singles = 0;
+    for (i, (g, baseline)) in group_ids.iter().zip(baselines).enumerate() {
+        match baseline {
+            None => members.entry(g.as_ref()).or_default().push(i),
+            Some(b) => {
+                singles += 1;
+                values[i] = rewards[i] - b;
+                if values[i].abs() <= 1e-12 {
+                    zero_std_groups += 1;
+                    values[i] = 0.0;
+                    keep[i] = !config.skip_zero_std_groups;
+                }
+            }
+        }
+    }
     for idx in members.values() {
         let n = idx.len() as f64;
         let mean = idx.iter().map(|&i| rewards[i]).sum::<f64>() / n;
@@ -162,7 +186,7 @@ pub fn group_advantages<S: AsRef<str>>(
     Ok(Advantages {
         values,
         keep,
-        groups: members.len(),
+        groups: members.len() + singles,
         zero_std_groups,
     })
 }
@@ -972,7 +996,8 @@ mod tests {
     fn group_advantages_grpo_dr_grpo_and_zero_std() {
         let rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 2.0];
         let groups = ["a", "a", "a", "a", "b", "b", "c"];
-        let adv = group_advantages(&rewards, &groups, &AdvantageConfig::default()).unwrap();
+        let none = [None; 7];
+        let adv = group_advantages(&rewards, &groups, &none, &AdvantageConfig::default()).unwrap();
         let std = (4.0 * 0.25f64 / 3.0).sqrt();
         let hi = 0.5 / (std + 1e-6);
         for (v, w) in adv.values.iter().zip([hi, -hi, -hi, hi, 0.0, 0.0, 0.0]) {
@@ -985,11 +1010,31 @@ mod tests {
             skip_zero_std_groups: false,
             ..AdvantageConfig::default()
         };
-        let adv = group_advantages(&rewards, &groups, &dr).unwrap();
+        let adv = group_advantages(&rewards, &groups, &none, &dr).unwrap();
         assert_eq!(adv.values, [0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0]);
         assert!(adv.keep.iter().all(|k| *k));
         assert_eq!(adv.zero_std_groups, 2);
-        assert!(group_advantages(&[f64::NAN], &["a"], &dr).is_err());
-        assert!(group_advantages(&[1.0], &["a", "b"], &dr).is_err());
+        assert!(group_advantages(&[f64::NAN], &["a"], &[None], &dr).is_err());
+        assert!(group_advantages(&[1.0], &["a"], &[Some(f64::INFINITY)], &dr).is_err());
+        assert!(group_advantages(&[1.0], &["a", "b"], &[None, None], &dr).is_err());
+        assert!(group_advantages(&[1.0], &["a"], &[], &dr).is_err());
+    }
+
+    #[test]
+    fn baselined_sequences_are_centred_on_their_baseline_not_grouped() {
+        // "s" holds two baselined episodes and one grouped with "a"'s: the baselined ones must
+        // neither join a group nor change the grouped advantages.
+        let rewards = [1.0, 0.0, 1.0, 0.25, 0.5];
+        let groups = ["a", "a", "s", "s", "s"];
+        let baselines = [None, None, Some(0.25), Some(0.25), None];
+        let adv =
+            group_advantages(&rewards, &groups, &baselines, &AdvantageConfig::default()).unwrap();
+        let hi = 0.5 / ((0.5f64).sqrt() + 1e-6);
+        for (v, w) in adv.values.iter().zip([hi, -hi, 0.75, 0.0, 0.0]) {
+            assert!(close(*v, w), "{v} != {w}");
+        }
+        // The one-member "s" group and the episode at its baseline carry no signal.
+        assert_eq!(adv.keep, [true, true, true, false, false]);
+        assert_eq!((adv.groups, adv.zero_std_groups), (4, 2));
     }
 }

@@ -36,6 +36,10 @@ pub struct TrainSequence {
     pub reward: f64,
     /// Sequences sampled from the same prompt share a group id; advantages are relative to it.
     pub group_id: String,
+    /// A reward baseline for an episode without a group (a logged one with host feedback, whose
+    /// prompt never repeated): its advantage is `reward - baseline` and `group_id` is ignored.
+    #[serde(default)]
+    pub baseline: Option<f64>,
     /// The temperature the behaviour policy sampled at: the trainer scores tokens under
     /// `softmax(logits / temperature)`, the distribution `behaviour_logprobs` come from.
     #[serde(default = "unit_temperature")]
@@ -276,7 +280,8 @@ impl Trainer {
         }
         let rewards: Vec<f64> = batch.iter().map(|s| s.reward).collect();
         let groups: Vec<&str> = batch.iter().map(|s| s.group_id.as_str()).collect();
-        let adv = group_advantages(&rewards, &groups, &self.config.advantages)?;
+        let baselines: Vec<Option<f64>> = batch.iter().map(|s| s.baseline).collect();
+        let adv = group_advantages(&rewards, &groups, &baselines, &self.config.advantages)?;
         let n = batch.len().max(1) as f64;
         let reward_mean = rewards.iter().sum::<f64>() / n;
         let reward_std = (rewards
@@ -725,6 +730,7 @@ mod tests {
                     tokens: s.tokens,
                     reward: if hit { 1.0 } else { 0.0 },
                     group_id: format!("g{g}"),
+                    baseline: None,
                     temperature: params.temperature,
                 });
             }
@@ -944,6 +950,7 @@ mod tests {
             behaviour_logprobs: vec![0.0, -1.0, -2.0],
             reward: 1.0,
             group_id: "g".to_string(),
+            baseline: None,
             temperature: 1.0,
         };
         let short_mask = TrainSequence {
