@@ -10,7 +10,8 @@
 use std::sync::Arc;
 
 use searchloop_core::{
-    Agent, EpisodeRequest, PolicySlot, Split, TaskInfo, scripted::ScriptedPolicy,
+    Agent, EpisodeRequest, PolicySlot, Split, TaskInfo, ToolRegistry, Trajectory, TrajectorySink,
+    scripted::ScriptedPolicy,
 };
 use searchloop_e2e::{run_searchloop, stderr_of};
 use searchloop_examples::help_center::RunningHelpCenter;
@@ -105,6 +106,41 @@ fn first_question(workdir: &std::path::Path, kind: &str) -> Option<(String, Stri
     ))
 }
 
+/// Runs `policy` on the first generated question of `kind` through `tools`, recording into
+/// `sink`; returns the episode, the question and its gold answers.
+async fn scripted_episode(
+    policy: ScriptedPolicy,
+    kind: &str,
+    workdir: &std::path::Path,
+    tools: Arc<ToolRegistry>,
+    config: &AppConfig,
+    sink: Arc<dyn TrajectorySink>,
+) -> Result<(Trajectory, String, Vec<String>), String> {
+    let (task_id, question, gold) =
+        first_question(workdir, kind).ok_or_else(|| format!("no {kind} question"))?;
+    let agent = Agent::new(
+        Arc::new(PolicySlot::new(Arc::new(policy))),
+        tools,
+        config.agent.clone(),
+    )
+    .map_err(|e| e.to_string())?
+    .with_sink(sink);
+    let trajectory = agent
+        .run(EpisodeRequest {
+            question: question.clone(),
+            task: Some(TaskInfo {
+                task_id,
+                gold_answers: gold.clone(),
+                split: Split::Train,
+                kind: kind.into(),
+            }),
+            ..EpisodeRequest::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((trajectory, question, gold))
+}
+
 #[tokio::test]
 async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_stored() {
     let work = tempfile::tempdir().unwrap();
@@ -120,9 +156,6 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
         &[],
     );
     assert!(demo.status.success(), "{}", stderr_of(&demo));
-
-    // An inventory question from the generated set, with its verified gold answer.
-    let (task_id, question, gold) = first_question(&workdir, "inventory").unwrap();
 
     // The demo's help center stopped with the demo; serve it again and point its tool file at
     // it, as the demo does on every run.
@@ -141,28 +174,19 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
     config.agent.protocol.max_episode_tokens = 1024;
     let store = Arc::new(open_store(&config).await.unwrap());
     let tools = Arc::new(build_tools(&config).await.unwrap());
-    let agent = Agent::new(
-        Arc::new(PolicySlot::new(Arc::new(inventory_clerk()))),
-        Arc::clone(&tools),
-        config.agent.clone(),
-    )
-    .unwrap()
-    .with_sink(store.clone());
+    let episode = |policy, kind| {
+        scripted_episode(
+            policy,
+            kind,
+            &workdir,
+            Arc::clone(&tools),
+            &config,
+            Arc::clone(&store) as Arc<dyn TrajectorySink>,
+        )
+    };
 
-    let trajectory = agent
-        .run(EpisodeRequest {
-            question: question.clone(),
-            task: Some(TaskInfo {
-                task_id,
-                gold_answers: gold.clone(),
-                split: Split::Train,
-                kind: "inventory".into(),
-            }),
-            ..EpisodeRequest::default()
-        })
-        .await
-        .unwrap();
-
+    // An inventory question from the generated set, with its verified gold answer.
+    let (trajectory, question, _) = episode(inventory_clerk(), "inventory").await.unwrap();
     let tools_called: Vec<&str> = trajectory
         .tool_calls
         .iter()
@@ -187,28 +211,8 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
     assert_eq!(stored.answer, trajectory.answer);
 
     // A store question, answered from the help center over HTTP.
-    let (task_id, question, gold) = first_question(&workdir, "store_info").unwrap();
+    let (trajectory, question, gold) = episode(help_desk(), "store_info").await.unwrap();
     assert!(question.contains("open on weekdays"), "{question}");
-    let agent = Agent::new(
-        Arc::new(PolicySlot::new(Arc::new(help_desk()))),
-        tools,
-        config.agent.clone(),
-    )
-    .unwrap()
-    .with_sink(store.clone());
-    let trajectory = agent
-        .run(EpisodeRequest {
-            question: question.clone(),
-            task: Some(TaskInfo {
-                task_id,
-                gold_answers: gold.clone(),
-                split: Split::Train,
-                kind: "store_info".into(),
-            }),
-            ..EpisodeRequest::default()
-        })
-        .await
-        .unwrap();
     assert_eq!(
         trajectory.tool_calls.len(),
         1,

@@ -371,6 +371,7 @@ fn train_only(args: &Args, batch: &Path) -> Result<()> {
             reward: d.reward,
             group_id: d.group,
             baseline: None,
+            adapter_version: None,
             temperature: f64::from(d.temperature),
         })
         .collect();

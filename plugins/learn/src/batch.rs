@@ -72,6 +72,7 @@ pub fn to_train_sequence(
         reward,
         group_id: group_id.to_string(),
         baseline: None,
+        adapter_version: t.adapter_version,
         temperature: f64::from(s.temperature),
     })
 }

@@ -19,8 +19,8 @@ use candle_core::{DType, Device};
 use searchloop_core::Agent;
 use searchloop_store_sql::{AdapterRecord, Cursor, NewAdapter, Store};
 use searchloop_train_sapo::{
-    GgufFile, Llama, LoraAdapter, StepMetrics, TrainError, TrainReport, TrainSequence, Trainer,
-    merge_into_gguf,
+    GgufFile, Llama, LoraAdapter, OldLogprobSource, StepMetrics, TrainError, TrainReport,
+    TrainSequence, Trainer, merge_into_gguf,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -196,6 +196,11 @@ pub async fn run_round_observed(
                 e,
             )
         })?;
+    let behaviours = if config.trainer.old_logprobs == OldLogprobSource::Recompute {
+        behaviour_adapters(ctx.store, ctx.parent, &sequences).await?
+    } else {
+        Vec::new()
+    };
     let mut metrics = MetricsWriter::create(&staging.path().join(METRICS_FILE))?;
     let threads = config.thread_budget();
     let trained_tokens =
@@ -205,6 +210,7 @@ pub async fn run_round_observed(
         TrainJob {
             base_gguf: ctx.base_gguf.to_path_buf(),
             parent_dir: ctx.parent_adapter_dir.map(Path::to_path_buf),
+            behaviours,
             config: config.clone(),
             sequences,
             out_dir: staging.path().to_path_buf(),
@@ -338,6 +344,36 @@ fn check_trainable(stats: &BatchStats, config: &RoundConfig) -> Result<()> {
     Ok(())
 }
 
+/// The adapter folders of the versions that sampled `sequences`, except `parent` (the trainer
+/// starts from it, so it scores those itself). A version missing from the registry is left
+/// out, with a warning: its sequences are then scored under the parent.
+async fn behaviour_adapters(
+    store: &Store,
+    parent: Option<u64>,
+    sequences: &[TrainSequence],
+) -> Result<Vec<(Option<u64>, Option<PathBuf>)>> {
+    let versions: std::collections::BTreeSet<Option<u64>> = sequences
+        .iter()
+        .map(|s| s.adapter_version)
+        .filter(|v| *v != parent)
+        .collect();
+    let mut out = Vec::with_capacity(versions.len());
+    for version in versions {
+        match version {
+            None => out.push((None, None)),
+            Some(v) => match store.get_adapter(v).await? {
+                Some(record) => out.push((Some(v), Some(PathBuf::from(record.path)))),
+                None => tracing::warn!(
+                    version = v,
+                    "episodes name an adapter version the registry does not hold; their \
+                     logp_old is recomputed under the parent adapter"
+                ),
+            },
+        }
+    }
+    Ok(out)
+}
+
 /// Where the feedback reading of the round that produced adapter `version` stopped, and the
 /// feedback baselines it left. A record without them (an adapter trained before rounds kept
 /// baselines, or registered by hand) starts both afresh.
@@ -439,6 +475,9 @@ fn remove_quietly(path: &Path) {
 struct TrainJob {
     base_gguf: PathBuf,
     parent_dir: Option<PathBuf>,
+    /// The adapters that sampled the batch, other than the parent: by version (`None`: the base
+    /// model), the folder of that version's adapter (`None`: score without one).
+    behaviours: Vec<(Option<u64>, Option<PathBuf>)>,
     config: RoundConfig,
     sequences: Vec<TrainSequence>,
     out_dir: PathBuf,
@@ -536,7 +575,23 @@ fn run_job(
             Some(dir) => LoraAdapter::load_peft(dir, model.config(), &device, DType::F32)?,
             None => LoraAdapter::new(job.config.lora.clone(), model.config(), &device, DType::F32)?,
         };
+        let mut behaviours = Vec::with_capacity(job.behaviours.len());
+        for (version, dir) in &job.behaviours {
+            let adapter = match dir {
+                Some(dir) => Some(LoraAdapter::load_peft(
+                    dir,
+                    model.config(),
+                    &device,
+                    DType::F32,
+                )?),
+                None => None,
+            };
+            behaviours.push((*version, adapter));
+        }
         let mut trainer = Trainer::new(model, adapter, job.config.trainer.clone())?;
+        for (version, adapter) in behaviours {
+            trainer.add_behaviour_adapter(version, adapter)?;
+        }
         tracing::info!(seconds = started.elapsed().as_secs_f64(), "trainer loaded");
         let started = Instant::now();
         // A send fails only when the round's future is gone; the stop flag handles that.

@@ -175,6 +175,7 @@ async fn serving_and_trainer_log_probs_match_on_the_real_model() {
         reward: 0.0,
         group_id: "g".into(),
         baseline: None,
+        adapter_version: None,
         temperature: 0.7,
     };
     let (q_mean, q_max, q_n) = gap(&trainer_model, &q);

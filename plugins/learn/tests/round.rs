@@ -22,7 +22,9 @@ use searchloop_learn::{
     RoundObserver, SkipReason, evaluate, read_eval_items, run_round, run_round_observed,
 };
 use searchloop_store_sql::{AdapterStatus, FeedbackInput, Store};
-use searchloop_train_sapo::{LoraConfig, StepMetrics, TargetModule, TrainerConfig};
+use searchloop_train_sapo::{
+    LoraConfig, OldLogprobSource, StepMetrics, TargetModule, TrainerConfig,
+};
 
 /// A round configuration that moves the tiny model within a few rounds.
 fn toy_round(questions: Option<PathBuf>, source: GroupSource) -> RoundConfig {
@@ -363,6 +365,23 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
     )
     .unwrap();
     assert_eq!(after["toy"].count, 16);
+
+    // The base model served these episodes, but the round trained from v1, whose adapter
+    // has moved: scored under v1 they are off by more than numerics...
+    let under_parent = out2.summary.logprob_gap_max.unwrap();
+    assert!(under_parent > 1e-3, "{under_parent}");
+    // ...and with logp_old recomputed they are scored under the version that served them.
+    let recompute = RoundConfig {
+        trainer: TrainerConfig {
+            old_logprobs: OldLogprobSource::Recompute,
+            ..config.trainer.clone()
+        },
+        ..config.clone()
+    };
+    let out3 = run_round(&ctx, &recompute).await.unwrap();
+    let under_server = out3.summary.logprob_gap_max.unwrap();
+    assert!(under_server < 1e-4, "{under_server}");
+    assert_eq!(entries(&adapters), ["v1", "v2", "v3"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

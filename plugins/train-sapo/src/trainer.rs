@@ -5,6 +5,8 @@
 //! Determinism: shuffling and dropout draw from seeded ChaCha streams, and candle's CPU kernels
 //! are deterministic, so the same inputs and seed give bit-identical adapters on the CPU.
 
+use std::collections::{BTreeMap, HashMap};
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
@@ -40,6 +42,11 @@ pub struct TrainSequence {
     /// prompt never repeated): its advantage is `reward - baseline` and `group_id` is ignored.
     #[serde(default)]
     pub baseline: Option<f64>,
+    /// The adapter version that sampled it (`None`: the base model). With
+    /// [`OldLogprobSource::Recompute`], `logp_old` is recomputed under that version's adapter
+    /// when the trainer holds it ([`Trainer::add_behaviour_adapter`]), else under its own.
+    #[serde(default)]
+    pub adapter_version: Option<u64>,
     /// The temperature the behaviour policy sampled at: the trainer scores tokens under
     /// `softmax(logits / temperature)`, the distribution `behaviour_logprobs` come from.
     #[serde(default = "unit_temperature")]
@@ -57,8 +64,10 @@ pub enum OldLogprobSource {
     /// The sampler's recorded log-probs.
     #[default]
     Behaviour,
-    /// Recomputed by the trainer under the current adapter before the first update (exact
-    /// numerics when the trajectories were produced by the current adapter version).
+    /// Recomputed by the trainer before the first update, under the adapter version that
+    /// sampled each sequence when the trainer was given it ([`Trainer::add_behaviour_adapter`])
+    /// and under the trainer's starting adapter otherwise: the sampler's distribution with the
+    /// trainer's numerics.
     Recompute,
 }
 
@@ -167,6 +176,9 @@ pub struct TrainReport {
 pub struct Trainer {
     model: Llama,
     adapter: LoraAdapter,
+    /// Adapters of the versions that sampled the batch, by version (`None`: the base model),
+    /// for recomputing `logp_old`; a `None` adapter scores with the base model alone.
+    behaviour_adapters: HashMap<Option<u64>, Option<LoraAdapter>>,
     optimizer: AdamW,
     config: TrainerConfig,
     step: usize,
@@ -191,6 +203,7 @@ struct Prepared {
     reference: Option<Vec<f32>>,
     advantage: f64,
     temperature: f64,
+    adapter_version: Option<u64>,
 }
 
 impl Trainer {
@@ -226,11 +239,34 @@ impl Trainer {
         Ok(Self {
             model,
             adapter,
+            behaviour_adapters: HashMap::new(),
             optimizer,
             config,
             step: 0,
             rng,
         })
+    }
+
+    /// Gives the trainer the adapter that adapter `version` served with (`None` for the base
+    /// model, scored without an adapter), so that [`OldLogprobSource::Recompute`] scores the
+    /// sequences that version sampled under it rather than under the adapter being trained.
+    pub fn add_behaviour_adapter(
+        &mut self,
+        version: Option<u64>,
+        mut adapter: Option<LoraAdapter>,
+    ) -> Result<()> {
+        if let Some(a) = &mut adapter {
+            if a.model_config() != self.model.config() {
+                return Err(TrainError::Adapter(format!(
+                    "the adapter of version {version:?} was built for a different model \
+                     configuration"
+                )));
+            }
+            // Scoring only: no dropout.
+            a.set_training(false);
+        }
+        self.behaviour_adapters.insert(version, adapter);
+        Ok(())
     }
 
     /// The frozen base model.
@@ -307,6 +343,7 @@ impl Trainer {
                 reference: None,
                 advantage: a,
                 temperature: s.temperature,
+                adapter_version: s.adapter_version,
             })
             .collect();
 
@@ -314,15 +351,29 @@ impl Trainer {
         let recompute = self.config.old_logprobs == OldLogprobSource::Recompute;
         if recompute && !prepared.is_empty() {
             self.adapter.set_training(false);
-            for chunk in (0..prepared.len())
-                .collect::<Vec<_>>()
-                .chunks(self.config.micro_batch_size)
-            {
-                let lps = self.logprobs_no_grad(&prepared, chunk, true)?;
-                for (&i, lp) in chunk.iter().zip(lps) {
-                    let p = &mut prepared[i];
-                    gap.add(&p.mask, &p.old, &lp);
-                    p.old = lp;
+            // Micro-batches of one behaviour adapter each: `Some(version)` for a version the
+            // trainer holds, `None` for the trainer's own adapter.
+            let mut by_behaviour: BTreeMap<Option<Option<u64>>, Vec<usize>> = BTreeMap::new();
+            for (i, p) in prepared.iter().enumerate() {
+                let version = p.adapter_version;
+                let key = self
+                    .behaviour_adapters
+                    .contains_key(&version)
+                    .then_some(version);
+                by_behaviour.entry(key).or_default().push(i);
+            }
+            for (key, members) in by_behaviour {
+                let adapter = match key.and_then(|v| self.behaviour_adapters.get(&v)) {
+                    Some(behaviour) => behaviour.as_ref(),
+                    None => Some(&self.adapter),
+                };
+                for chunk in members.chunks(self.config.micro_batch_size) {
+                    let lps = self.logprobs_no_grad(&prepared, chunk, adapter)?;
+                    for (&i, lp) in chunk.iter().zip(lps) {
+                        let p = &mut prepared[i];
+                        gap.add(&p.mask, &p.old, &lp);
+                        p.old = lp;
+                    }
                 }
             }
         }
@@ -331,7 +382,7 @@ impl Trainer {
                 .collect::<Vec<_>>()
                 .chunks(self.config.micro_batch_size)
             {
-                let lps = self.logprobs_no_grad(&prepared, chunk, false)?;
+                let lps = self.logprobs_no_grad(&prepared, chunk, None)?;
                 for (&i, lp) in chunk.iter().zip(lps) {
                     prepared[i].reference = Some(lp);
                 }
@@ -484,14 +535,9 @@ impl Trainer {
         &self,
         data: &[Prepared],
         idx: &[usize],
-        with_adapter: bool,
+        adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<Vec<f32>>> {
         let batch = self.collate(data, idx)?;
-        let adapter = if with_adapter {
-            Some(&self.adapter)
-        } else {
-            None
-        };
         let stats = self.model.token_logprobs_tempered(
             &batch.ids,
             Some(&batch.attention),
@@ -731,6 +777,7 @@ mod tests {
                     reward: if hit { 1.0 } else { 0.0 },
                     group_id: format!("g{g}"),
                     baseline: None,
+                    adapter_version: None,
                     temperature: params.temperature,
                 });
             }
@@ -880,6 +927,62 @@ mod tests {
     }
 
     #[test]
+    fn recomputation_scores_each_sequence_under_the_adapter_version_that_sampled_it() {
+        // Version 7: an adapter moved away from its start by a few large steps.
+        let drift = TrainerConfig {
+            learning_rate: 0.05,
+            ..toy_config_trainer()
+        };
+        let mut served = toy_trainer(3, drift);
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for _ in 0..3 {
+            let mut batch = rollouts(&served, 4, 2, &mut rng);
+            batch[0].reward = 1.0;
+            served.train(&batch).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        served.adapter().save_peft(dir.path(), "toy").unwrap();
+        let load = || {
+            LoraAdapter::load_peft(
+                dir.path(),
+                served.model().config(),
+                &Device::Cpu,
+                DType::F32,
+            )
+            .unwrap()
+        };
+        let mut batch = rollouts(&served, 4, 2, &mut rng);
+        batch[0].reward = 1.0;
+        for s in &mut batch {
+            s.adapter_version = Some(7);
+        }
+        let recompute = TrainerConfig {
+            old_logprobs: OldLogprobSource::Recompute,
+            ..toy_config_trainer()
+        };
+        // A trainer starting from a fresh adapter scores them far from the sampler, and its
+        // first step sees no drift at all (its logp_old is its own)...
+        let mut fresh = toy_trainer(3, recompute.clone());
+        let report = fresh.train(&batch).unwrap();
+        let off = report.logprob_gap_max.unwrap();
+        assert!(off > 1e-3, "{off}");
+        assert!((report.steps[0].loss.ratio_mean - 1.0).abs() < 1e-6);
+        // ...unless it holds version 7's adapter: then logp_old is the sampler's, and the first
+        // step's ratios show the real distance between the two adapters.
+        let mut held = toy_trainer(3, recompute.clone());
+        held.add_behaviour_adapter(Some(7), Some(load())).unwrap();
+        let report = held.train(&batch).unwrap();
+        let on = report.logprob_gap_max.unwrap();
+        assert!(on < 1e-5, "{on}");
+        assert!((report.steps[0].loss.ratio_mean - 1.0).abs() > 1e-4);
+        // Another version's adapter does not apply to these sequences.
+        let mut other = toy_trainer(3, recompute);
+        other.add_behaviour_adapter(Some(8), Some(load())).unwrap();
+        let wrong = other.train(&batch).unwrap().logprob_gap_max.unwrap();
+        assert!((wrong - off).abs() < 1e-6, "{wrong} vs {off}");
+    }
+
+    #[test]
     fn tempered_scoring_matches_a_tempered_sampler_and_the_gap_is_always_measured() {
         for (source, temperature) in [
             (OldLogprobSource::Recompute, 0.3),
@@ -951,6 +1054,7 @@ mod tests {
             reward: 1.0,
             group_id: "g".to_string(),
             baseline: None,
+            adapter_version: None,
             temperature: 1.0,
         };
         let short_mask = TrainSequence {
