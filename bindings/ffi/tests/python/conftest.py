@@ -62,8 +62,10 @@ def questions(workdir):
 
 @pytest.fixture(scope="session")
 def agent(config_path):
-    """The demo config's agent: the real model, the catalog and inventory tools, SQLite."""
-    return searchloop.Agent.from_file(config_path)
+    """The demo config's agent: the real model, the catalog, inventory and help center tools,
+    SQLite. Greedy, so each question gets the same episode on every run: the 135M model at the
+    demo's temperature sometimes writes a search query too long to finish in a turn."""
+    return searchloop.Agent(searchloop.AgentOptions(config_path=config_path, temperature=0.0))
 
 
 @pytest.fixture(scope="session")

@@ -101,9 +101,10 @@ def test_a_python_tool_is_called_by_the_agent(config_path, workdir, questions, t
         config_path=config_path,
         default_tool="product_api",
         store_url=str(tmp_path / "host-tool.db"),
+        temperature=0.0,
     )
     agent = searchloop.Agent(options, tools=[api])
-    assert agent.tool_names() == ["catalog", "inventory", "product_api"]
+    assert agent.tool_names() == ["catalog", "inventory", "help", "product_api"]
     assert agent.default_tool() == "product_api"
     answer = run(agent.ask(questions[1]["question"]))
     assert api.queries, "the agent never called the Python tool"
