@@ -344,6 +344,62 @@ mod tests {
         }
     }
 
+    /// Sends one raw HTTP/1.1 GET and returns the status line and the body.
+    async fn get(addr: SocketAddr, target: &str) -> (String, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {target} HTTP/1.1\r\nHost: help\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        (head.lines().next().unwrap().to_string(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_api_answers_json_and_refuses_bad_query_strings() {
+        let data = retail::generate(&GeneratorConfig {
+            products: 50,
+            ..GeneratorConfig::default()
+        });
+        let center = RunningHelpCenter::start(&data.stores, ([127, 0, 0, 1], 0).into())
+            .await
+            .unwrap();
+        let (status, body) = get(center.addr(), "/search?q=lyon%20store%20hours&limit=2").await;
+        assert!(status.contains("200"), "{status}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["query"], "lyon store hours");
+        let results = json["results"].as_array().unwrap();
+        assert_eq!(results.len(), 2);
+        assert!(
+            results[0]["title"]
+                .as_str()
+                .unwrap()
+                .starts_with("Lyon store")
+        );
+        // No query, or a limit that is not a number: one clear 400, not a 500 or a hang.
+        for target in ["/search", "/search?q=x&limit=many", "/search?limit=3"] {
+            let (status, body) = get(center.addr(), target).await;
+            assert!(status.contains("400"), "{target}: {status}");
+            assert!(body.contains("expected ?q="), "{target}: {body}");
+        }
+        // A long query is read up to its cap and answered; a URI past the HTTP server's own
+        // limit is refused by it.
+        let long = format!("/search?q={}", "lyon+".repeat(2_000));
+        let (status, _) = get(center.addr(), &long).await;
+        assert!(status.contains("200"), "{status}");
+        let huge = format!("/search?q={}", "lyon+".repeat(20_000));
+        let (status, _) = get(center.addr(), &huge).await;
+        assert!(status.contains("414"), "{status}");
+        // The tool config points at this server and allows only its address.
+        let toml = center.tool_config_toml();
+        assert!(
+            toml.contains(&format!("http://{}/search?q={{query}}", center.addr())),
+            "{toml}"
+        );
+        assert!(toml.contains("allowed_hosts = [\"127.0.0.1\"]"), "{toml}");
+    }
+
     #[test]
     fn policy_words_find_policy_pages_and_nonsense_finds_nothing() {
         let center = HelpCenter::for_stores(&retail::generate(&GeneratorConfig::default()).stores);
