@@ -230,23 +230,19 @@ fn assign_feedback_groups<'a>(
     members
         .iter()
         .map(|(t, reward)| {
-            let group = match t.group_id.as_deref() {
-                Some(g) if by_group[g] >= 2 => format!("feedback:group:{g}"),
-                _ if by_prompt[t.prompt_text.as_str()] >= 2 => {
-                    format!("feedback:prompt:{}", short_hash(&t.prompt_text))
-                }
+            let (group, baseline) = match t.group_id.as_deref() {
+                Some(g) if by_group[g] >= 2 => (format!("feedback:group:{g}"), None),
+                _ if by_prompt[t.prompt_text.as_str()] >= 2 => (
+                    format!("feedback:prompt:{}", short_hash(&t.prompt_text)),
+                    None,
+                ),
                 _ => {
                     let kind = task_kind(t);
-                    let baseline = baselines.get(kind).filter(|b| b.count > 0);
-                    return (
-                        t,
-                        *reward,
-                        format!("feedback:kind:{kind}"),
-                        baseline.map(|b| b.mean),
-                    );
+                    let history = baselines.get(kind).filter(|b| b.count > 0);
+                    (format!("feedback:kind:{kind}"), history.map(|b| b.mean))
                 }
             };
-            (t, *reward, group, None)
+            (t, *reward, group, baseline)
         })
         .collect()
 }

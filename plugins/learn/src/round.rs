@@ -389,11 +389,11 @@ async fn parent_feedback_state(store: &Store, version: u64) -> Result<(Cursor, F
     let baselines: FeedbackBaselines = read(FEEDBACK_BASELINES_KEY)
         .and_then(|v| serde_json::from_value(v).ok())
         .unwrap_or_default();
-    // The registry is read back from disk: a non-finite or negative-count entry is dropped
-    // rather than allowed to poison every advantage of its kind.
+    // The registry is read back from disk: a non-finite mean is dropped rather than allowed to
+    // poison every advantage of its kind. (A zero-count entry is kept; it reads as no history.)
     let baselines = baselines
         .into_iter()
-        .filter(|(_, b)| b.mean.is_finite() && b.count > 0)
+        .filter(|(_, b)| b.mean.is_finite())
         .collect();
     Ok((cursor, baselines))
 }
