@@ -28,6 +28,15 @@ fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
     Some(&text[from..from + len])
 }
 
+/// The turn that answers `answer`, after an `<answer>` the protocol may have prefilled.
+fn answer_turn(context: &str, answer: &str) -> String {
+    if context.ends_with("<answer>") {
+        format!("{answer}</answer>")
+    } else {
+        format!("<answer>{answer}</answer>")
+    }
+}
+
 /// Searches the catalog for the product, then asks the inventory for its stock in the city,
 /// then answers with the inventory's `in_stock` column.
 fn inventory_clerk() -> ScriptedPolicy {
@@ -49,11 +58,7 @@ fn inventory_clerk() -> ScriptedPolicy {
             _ => {
                 let last = episode.rsplit("<information>").next().unwrap_or("");
                 let answer = if last.contains("| yes |") || last.contains(" yes") { "yes" } else { "no" };
-                if context.ends_with("<answer>") {
-                    format!("{answer}</answer>")
-                } else {
-                    format!("<answer>{answer}</answer>")
-                }
+                answer_turn(context, answer)
             }
         }
     })
@@ -76,11 +81,7 @@ fn help_desk() -> ScriptedPolicy {
         }
         let last = episode.rsplit("<information>").next().unwrap_or("");
         let opens = between(last, "Monday to Friday ", "-").unwrap_or("unknown");
-        if context.ends_with("<answer>") {
-            format!("{opens}</answer>")
-        } else {
-            format!("<answer>{opens}</answer>")
-        }
+        answer_turn(context, opens)
     })
     .with_model_id("scripted-help-desk")
     .with_context_length(8192)
