@@ -35,6 +35,7 @@ pub mod lora;
 pub mod loss;
 pub mod merge;
 pub mod model;
+pub mod pack;
 pub mod sample;
 pub mod trainer;
 
@@ -52,6 +53,7 @@ pub use loss::{
 };
 pub use merge::{MergeEncoding, MergeReport, merge_into_gguf};
 pub use model::{Llama, TokenStats};
+pub use pack::PackedSequences;
 pub use sample::{SampleParams, SampledSequence, sample};
 pub use trainer::{
     OldLogprobSource, StepMetrics, TrainReport, TrainSequence, Trainer, TrainerConfig,

@@ -333,8 +333,10 @@ impl LoraAdapter {
         if self.training && self.config.dropout > 0.0 {
             h = self.dropout(&h)?;
         }
-        let h = h.matmul(&a.t()?)?.matmul(&pair.b.as_tensor().t()?)?;
-        Ok(Some((h * self.scale())?.to_dtype(x_dtype)?))
+        // Scaling the rank-r intermediate instead of the output touches r values per token
+        // rather than one per output feature.
+        let h = (h.matmul(&a.t()?)? * self.scale())?.matmul(&pair.b.as_tensor().t()?)?;
+        Ok(Some(h.to_dtype(x_dtype)?))
     }
 
     fn dropout(&self, x: &Tensor) -> Result<Tensor> {
@@ -651,7 +653,7 @@ mod tests {
     use super::*;
     use crate::gguf::{Architecture, RopeStyle};
     use crate::model::{Llama, apply_rope};
-    use crate::test_support::{cpu, tiny_config};
+    use crate::test_support::{cpu, randomize_b, tiny_config};
 
     fn all_targets(seed: u64) -> LoraConfig {
         LoraConfig {
@@ -661,20 +663,6 @@ mod tests {
             targets: TargetModule::ALL.to_vec(),
             seed,
             use_rslora: false,
-        }
-    }
-
-    /// Fills every `B` with seeded noise so that the adapter does something.
-    fn randomize_b(adapter: &LoraAdapter, seed: u64) {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        for (_, pair) in adapter.pairs() {
-            let dims = pair.b.as_tensor().dims2().unwrap();
-            let data: Vec<f32> = (0..dims.0 * dims.1)
-                .map(|_| rng.random_range(-0.5..0.5))
-                .collect();
-            pair.b
-                .set(&Tensor::from_vec(data, dims, &cpu()).unwrap())
-                .unwrap();
         }
     }
 

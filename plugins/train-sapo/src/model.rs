@@ -22,6 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Result, TrainError};
 use crate::gguf::{self, LayerWeights, Linear, LlamaConfig, LlamaWeights, RopeStyle};
 use crate::lora::{LoraAdapter, TargetModule};
+use crate::pack::PackedSequences;
 
 /// Per-position statistics of the next-token distribution.
 #[derive(Debug, Clone)]
@@ -151,9 +152,22 @@ impl Llama {
         if t == 0 {
             return Err(TrainError::InvalidInput("empty sequence".to_string()));
         }
-        let ids = ids.to_dtype(DType::U32)?;
         let (mask_bias, positions) = self.attention_inputs(b, t, attention_mask)?;
-        let (cos, sin) = self.rope_tables(&positions, b, t)?;
+        self.run_layers(ids, &mask_bias, &positions, adapter)
+    }
+
+    /// The decoder over ids `(B, T)` with an additive attention bias `(B, 1, T, T)` and a rope
+    /// position per token; returns the final hidden states after the output norm.
+    fn run_layers(
+        &self,
+        ids: &Tensor,
+        mask_bias: &Tensor,
+        positions: &[f32],
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let (cos, sin) = self.rope_tables(positions, b, t)?;
         let mut x = self
             .weights
             .token_embd
@@ -161,7 +175,7 @@ impl Llama {
             .reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.weights.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, self.config.rms_eps)?;
-            let attn = self.attention(i, layer, &h, &mask_bias, &cos, &sin, adapter)?;
+            let attn = self.attention(i, layer, &h, mask_bias, &cos, &sin, adapter)?;
             x = (x + attn)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
             let gate = linear(&h, &layer.gate, adapter, i, TargetModule::GateProj)?;
@@ -254,6 +268,98 @@ impl Llama {
         Ok(TokenStats {
             logprobs: logprobs.reshape((b, t - 1))?,
             entropy: entropy.reshape((b, t - 1))?,
+        })
+    }
+
+    /// Log-probs and entropies of sequences packed along their shared prefixes, scored at the
+    /// positions `scored[i]` flags for sequence `i` (a flag per predicted token, so one fewer
+    /// than its tokens), each under its sampling temperature. Returns `(B, L-1)` tensors for
+    /// `B` sequences of at most `L` tokens, zero at unscored positions: the output head, a
+    /// fifth of the model's work per token, runs at scored positions only.
+    pub fn packed_token_logprobs(
+        &self,
+        pack: &PackedSequences,
+        scored: &[&[bool]],
+        adapter: Option<&LoraAdapter>,
+        temperatures: &[f64],
+    ) -> Result<TokenStats> {
+        let b = pack.sequences();
+        if scored.len() != b || temperatures.len() != b {
+            return Err(TrainError::InvalidInput(format!(
+                "{} score masks and {} temperatures for {b} packed sequences",
+                scored.len(),
+                temperatures.len()
+            )));
+        }
+        if let Some(bad) = temperatures.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+            return Err(TrainError::InvalidInput(format!(
+                "temperature {bad} must be a positive finite number"
+            )));
+        }
+        let width = (0..b).map(|i| pack.chain(i).len()).max().unwrap_or(0);
+        if width < 2 {
+            return Err(TrainError::InvalidInput(
+                "packed scoring needs a sequence of at least two tokens".to_string(),
+            ));
+        }
+        let n = pack.len();
+        let device = self.device();
+        let ids = Tensor::from_slice(pack.ids(), (1, n), device)?;
+        let bias = Tensor::from_vec(pack.attention_bias(), (1, 1, n, n), device)?;
+        let h = self
+            .run_layers(&ids, &bias, pack.positions(), adapter)?
+            .squeeze(0)?;
+        // Row `i * (width - 1) + j` of the result reads scored value `slot[..]`, or the zero
+        // appended after the scored values.
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        let mut inv_temp = Vec::new();
+        let mut slot = Vec::with_capacity(b * (width - 1));
+        for (i, (flags, &temp)) in scored.iter().zip(temperatures).enumerate() {
+            let chain = pack.chain(i);
+            let predicted = chain.len().saturating_sub(1);
+            if flags.len() != predicted {
+                return Err(TrainError::InvalidInput(format!(
+                    "sequence {i} has {} tokens and {} score flags",
+                    chain.len(),
+                    flags.len()
+                )));
+            }
+            for j in 0..width - 1 {
+                if j < predicted && flags[j] {
+                    slot.push(rows.len() as u32);
+                    rows.push(chain[j] as u32);
+                    targets.push(pack.ids()[chain[j + 1]]);
+                    inv_temp.push(1.0 / temp);
+                } else {
+                    slot.push(u32::MAX);
+                }
+            }
+        }
+        let zero = rows.len() as u32;
+        for s in &mut slot {
+            if *s == u32::MAX {
+                *s = zero;
+            }
+        }
+        let slot = Tensor::from_vec(slot, b * (width - 1), device)?;
+        let work = work_dtype(h.dtype());
+        let (logprobs, entropy) = if rows.is_empty() {
+            let zeros = Tensor::zeros(1, work, device)?;
+            (zeros.clone(), zeros)
+        } else {
+            let picked = h.index_select(&Tensor::from_vec(rows, zero as usize, device)?, 0)?;
+            let (lp, ent) =
+                crate::fused::head_logprobs(&picked, &self.weights.output, &targets, &inv_temp)?;
+            let pad = Tensor::zeros(1, work, device)?;
+            (
+                Tensor::cat(&[&lp.to_dtype(work)?, &pad], 0)?,
+                Tensor::cat(&[&ent.to_dtype(work)?, &pad], 0)?,
+            )
+        };
+        Ok(TokenStats {
+            logprobs: logprobs.index_select(&slot, 0)?.reshape((b, width - 1))?,
+            entropy: entropy.index_select(&slot, 0)?.reshape((b, width - 1))?,
         })
     }
 
@@ -586,7 +692,7 @@ mod tests {
     use super::*;
     use crate::gguf::{Architecture, GgufFile};
     use crate::lora::{LoraAdapter, LoraConfig};
-    use crate::test_support::{cpu, real_model_path, tiny_config};
+    use crate::test_support::{cpu, randomize_b, real_model_path, tiny_config};
     use candle_core::Module;
     use candle_core::quantized::QMatMul;
     use candle_core::quantized::gguf_file::Value;
@@ -816,6 +922,92 @@ mod tests {
         assert!(close(&out[0], &la));
         assert!(close(&out[1][2..], &lb));
         assert!(out.iter().flatten().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn packed_sequences_score_and_differentiate_as_if_run_alone() {
+        let model = Llama::random(tiny_config(Architecture::Llama), 5, &cpu(), DType::F32).unwrap();
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: TargetModule::ALL.to_vec(),
+            ..LoraConfig::default()
+        };
+        let adapter = LoraAdapter::new(lora, model.config(), &cpu(), DType::F32).unwrap();
+        randomize_b(&adapter, 9);
+        // Two sequences sharing a four-token prefix, a repeat of the first, and one sharing
+        // nothing; sampled at different temperatures.
+        let seqs: [&[u32]; 4] = [
+            &[5, 9, 2, 33, 7, 1, 8],
+            &[5, 9, 2, 33, 40, 41],
+            &[5, 9, 2, 33, 7, 1, 8],
+            &[3, 12, 6],
+        ];
+        let temps = [1.0, 0.7, 1.0, 1.3];
+        let flags: Vec<Vec<bool>> = seqs
+            .iter()
+            .map(|s| (0..s.len() - 1).map(|j| j % 3 != 1).collect())
+            .collect();
+        let flag_refs: Vec<&[bool]> = flags.iter().map(Vec::as_slice).collect();
+        let pack = PackedSequences::new(&seqs).unwrap();
+        assert_eq!(pack.len(), 7 + 2 + 3);
+        let packed = model
+            .packed_token_logprobs(&pack, &flag_refs, Some(&adapter), &temps)
+            .unwrap();
+        let mut packed_rows = packed.logprobs.to_vec2::<f32>().unwrap();
+        let packed_grads = packed.logprobs.sum_all().unwrap().backward().unwrap();
+
+        // Each sequence alone, through the padded path, summed over its flagged positions.
+        let mut total: Option<Tensor> = None;
+        for ((seq, flags), temp) in seqs.iter().zip(&flags).zip(temps) {
+            let ids = Tensor::new(*seq, &cpu()).unwrap().unsqueeze(0).unwrap();
+            let alone = model
+                .token_logprobs_tempered(&ids, None, Some(&adapter), Some(&[temp]))
+                .unwrap()
+                .logprobs
+                .squeeze(0)
+                .unwrap();
+            let weights: Vec<f32> = flags.iter().map(|&f| f32::from(u8::from(f))).collect();
+            let scored = (&alone * Tensor::new(weights.as_slice(), &cpu()).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            total = Some(match total {
+                Some(t) => (t + scored).unwrap(),
+                None => scored,
+            });
+            let row = packed_rows.remove(0);
+            let alone = alone.to_vec1::<f32>().unwrap();
+            for (j, &flag) in flags.iter().enumerate() {
+                let expected = if flag { alone[j] } else { 0.0 };
+                assert!(
+                    (row[j] - expected).abs() < 1e-5,
+                    "{seq:?} {j}: {} vs {expected}",
+                    row[j]
+                );
+            }
+            assert!(row[flags.len()..].iter().all(|&v| v == 0.0));
+        }
+        let alone_grads = total.unwrap().backward().unwrap();
+        let mut largest = 0f32;
+        for var in adapter.vars() {
+            let a = packed_grads.get(var.as_tensor()).unwrap();
+            let b = alone_grads.get(var.as_tensor()).unwrap();
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() <= 1e-4 * scale.max(1.0));
+            largest = largest.max(scale);
+        }
+        assert!(
+            largest > 1e-3,
+            "the gradients compared must not all be zero"
+        );
     }
 
     #[test]

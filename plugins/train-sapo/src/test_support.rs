@@ -7,6 +7,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device};
 
 use crate::gguf::{Architecture, LlamaConfig};
+use crate::lora::LoraAdapter;
 use crate::model::Llama;
 
 /// The default model: `$SEARCHLOOP_MODEL`, else the project's model cache under `$HOME`.
@@ -159,4 +160,19 @@ pub(crate) fn write_gguf_with(
 /// The CPU device every unit test runs on.
 pub(crate) fn cpu() -> Device {
     Device::Cpu
+}
+
+/// Fills every `B` of `adapter` with seeded noise so that the adapter does something.
+pub(crate) fn randomize_b(adapter: &LoraAdapter, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for (_, pair) in adapter.pairs() {
+        let dims = pair.b.as_tensor().dims2().unwrap();
+        let data: Vec<f32> = (0..dims.0 * dims.1)
+            .map(|_| rng.random_range(-0.5..0.5))
+            .collect();
+        pair.b
+            .set(&candle_core::Tensor::from_vec(data, dims, &cpu()).unwrap())
+            .unwrap();
+    }
 }

@@ -21,7 +21,8 @@ use crate::loss::{
     AdvantageConfig, LossConfig, LossMetrics, LossNormalizer, PolicyLossInputs, group_advantages,
     policy_loss,
 };
-use crate::model::Llama;
+use crate::model::{Llama, TokenStats};
+use crate::pack::PackedSequences;
 
 /// One logged episode, flattened to what the trainer needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -447,12 +448,7 @@ impl Trainer {
         let mut metrics: Option<LossMetrics> = None;
         for micro in mini.chunks(self.config.micro_batch_size) {
             let batch = self.collate(data, micro)?;
-            let stats = self.model.token_logprobs_tempered(
-                &batch.ids,
-                Some(&batch.attention),
-                Some(&self.adapter),
-                Some(&batch.temperatures),
-            )?;
+            let stats = self.score(data, micro, &batch, Some(&self.adapter))?;
             let logp = stats.logprobs;
             if let Some(gap) = gap.as_deref_mut() {
                 let rows = logp.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -538,12 +534,7 @@ impl Trainer {
         adapter: Option<&LoraAdapter>,
     ) -> Result<Vec<Vec<f32>>> {
         let batch = self.collate(data, idx)?;
-        let stats = self.model.token_logprobs_tempered(
-            &batch.ids,
-            Some(&batch.attention),
-            adapter,
-            Some(&batch.temperatures),
-        )?;
+        let stats = self.score(data, idx, &batch, adapter)?;
         let rows = stats
             .logprobs
             .detach()
@@ -559,13 +550,27 @@ impl Trainer {
             .collect())
     }
 
-    /// Right-pads a micro-batch into tensors.
+    /// Log-probs of a collated micro-batch at its trained positions (zero elsewhere), its
+    /// sequences packed along their shared prefixes.
+    fn score(
+        &self,
+        data: &[Prepared],
+        idx: &[usize],
+        batch: &Collated,
+        adapter: Option<&LoraAdapter>,
+    ) -> Result<TokenStats> {
+        let scored: Vec<&[bool]> = idx.iter().map(|&i| data[i].mask.as_slice()).collect();
+        self.model
+            .packed_token_logprobs(&batch.pack, &scored, adapter, &batch.temperatures)
+    }
+
+    /// Packs a micro-batch's sequences and right-pads its per-token values into tensors.
     fn collate(&self, data: &[Prepared], idx: &[usize]) -> Result<Collated> {
         let device: &Device = self.model.device();
         let t = idx.iter().map(|&i| data[i].tokens.len()).max().unwrap_or(2);
         let b = idx.len();
-        let mut ids = vec![0u32; b * t];
-        let mut attention = vec![0u8; b * t];
+        let sequences: Vec<&[u32]> = idx.iter().map(|&i| data[i].tokens.as_slice()).collect();
+        let pack = PackedSequences::new(&sequences)?;
         let mut mask = vec![0f32; b * (t - 1)];
         let mut old = vec![0f32; b * (t - 1)];
         let mut reference = vec![0f32; b * (t - 1)];
@@ -574,10 +579,6 @@ impl Trainer {
         let mut temperatures = Vec::with_capacity(b);
         for (row, &i) in idx.iter().enumerate() {
             let p = &data[i];
-            for (j, &tok) in p.tokens.iter().enumerate() {
-                ids[row * t + j] = tok;
-                attention[row * t + j] = 1;
-            }
             for j in 0..p.mask.len() {
                 let k = row * (t - 1) + j;
                 mask[k] = if p.mask[j] { 1.0 } else { 0.0 };
@@ -597,8 +598,7 @@ impl Trainer {
             temperatures.push(p.temperature);
         }
         Ok(Collated {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            attention: Tensor::from_vec(attention, (b, t), device)?,
+            pack,
             mask: Tensor::from_vec(mask, (b, t - 1), device)?,
             old: Tensor::from_vec(old, (b, t - 1), device)?,
             reference: if has_reference {
@@ -642,8 +642,7 @@ impl GapStats {
 }
 
 struct Collated {
-    ids: Tensor,
-    attention: Tensor,
+    pack: PackedSequences,
     mask: Tensor,
     old: Tensor,
     reference: Option<Tensor>,

@@ -1,0 +1,149 @@
+//! Packing of sequences that share prefixes into one row, each shared token computed once.
+//!
+//! A GRPO batch is full of repeated prefixes: every episode starts with the same system prompt,
+//! and the episodes of a group also share their question. Packed into one row as a prefix tree,
+//! each shared token is embedded, projected and differentiated once, and a token attends to its
+//! own ancestors only, at its depth in its sequence as its rope position. Under causal attention
+//! a token's hidden state depends on its prefix alone, so every sequence's log-probs equal the
+//! ones of a forward pass over that sequence by itself, and the gradient of a loss over the
+//! sequences equals the sum of their separate gradients: the backward pass through a shared token
+//! adds up what each sequence above it sends down.
+
+use crate::error::{Result, TrainError};
+
+/// Sequences packed along their common prefixes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedSequences {
+    /// Token ids of the packed row.
+    ids: Vec<u32>,
+    /// Rope position (depth in its sequences) of each packed token.
+    positions: Vec<f32>,
+    /// For each sequence, the packed index of each of its tokens.
+    chains: Vec<Vec<usize>>,
+}
+
+impl PackedSequences {
+    /// Packs `sequences`: each one reuses the longest prefix it shares with a sequence packed
+    /// before it and appends the rest.
+    pub fn new(sequences: &[&[u32]]) -> Result<Self> {
+        if let Some(i) = sequences.iter().position(|s| s.is_empty()) {
+            return Err(TrainError::InvalidInput(format!("sequence {i} is empty")));
+        }
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut chains: Vec<Vec<usize>> = Vec::with_capacity(sequences.len());
+        for (i, seq) in sequences.iter().enumerate() {
+            // The earlier sequence sharing the longest prefix with this one; the chain of that
+            // prefix is reused as is, so shared tokens keep a single set of ancestors.
+            let (shared, donor) = (0..i)
+                .map(|j| (common_prefix(seq, sequences[j]), j))
+                .max_by_key(|&(len, j)| (len, std::cmp::Reverse(j)))
+                .unwrap_or((0, 0));
+            let mut chain = Vec::with_capacity(seq.len());
+            chain.extend_from_slice(&chains.get(donor).map_or(&[][..], |c| &c[..shared]));
+            for (depth, &token) in seq.iter().enumerate().skip(shared) {
+                chain.push(ids.len());
+                ids.push(token);
+                positions.push(depth as f32);
+            }
+            chains.push(chain);
+        }
+        Ok(Self {
+            ids,
+            positions,
+            chains,
+        })
+    }
+
+    /// Token ids of the packed row.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// Rope position of each packed token.
+    pub fn positions(&self) -> &[f32] {
+        &self.positions
+    }
+
+    /// Number of packed tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether nothing was packed.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Number of sequences.
+    pub fn sequences(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// The packed index of each token of sequence `i`.
+    pub fn chain(&self, i: usize) -> &[usize] {
+        &self.chains[i]
+    }
+
+    /// The additive attention bias `(len × len)`, row-major: 0 where a packed token may attend
+    /// (itself and its ancestors), `-inf` elsewhere.
+    pub fn attention_bias(&self) -> Vec<f32> {
+        let n = self.len();
+        let mut bias = vec![f32::NEG_INFINITY; n * n];
+        // Every token appears in some chain, and a shared token's ancestors are the same in each
+        // chain that holds it, so marking every chain's pairs marks exactly the tree's pairs.
+        for chain in &self.chains {
+            for (depth, &query) in chain.iter().enumerate() {
+                for &key in &chain[..=depth] {
+                    bias[query * n + key] = 0.0;
+                }
+            }
+        }
+        bias
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_prefixes_are_packed_once_and_each_token_sees_its_ancestors() {
+        let a = [1, 2, 3, 4];
+        let b = [1, 2, 5];
+        let c = [1, 2, 3, 6, 7];
+        let d = [9];
+        let pack = PackedSequences::new(&[&a, &b, &c, &d, &a]).unwrap();
+        // a: 0..4; b shares [1, 2] and adds 5; c shares [1, 2, 3] with a and adds 6, 7; d shares
+        // nothing; the second a is packed entirely onto the first.
+        assert_eq!(pack.ids(), &[1, 2, 3, 4, 5, 6, 7, 9]);
+        assert_eq!(pack.positions(), &[0., 1., 2., 3., 2., 3., 4., 0.]);
+        assert_eq!(pack.chain(1), &[0, 1, 4]);
+        assert_eq!(pack.chain(2), &[0, 1, 2, 5, 6]);
+        assert_eq!(pack.chain(3), &[7]);
+        assert_eq!(pack.chain(4), pack.chain(0));
+        for (chain, seq) in (0..5).map(|i| pack.chain(i)).zip([&a[..], &b, &c, &d, &a]) {
+            let tokens: Vec<u32> = chain.iter().map(|&k| pack.ids()[k]).collect();
+            assert_eq!(tokens, seq);
+        }
+        let bias = pack.attention_bias();
+        let n = pack.len();
+        let allowed =
+            |q: usize| -> Vec<usize> { (0..n).filter(|&k| bias[q * n + k] == 0.0).collect() };
+        assert_eq!(allowed(0), vec![0]);
+        assert_eq!(allowed(3), vec![0, 1, 2, 3]);
+        assert_eq!(allowed(4), vec![0, 1, 4]);
+        assert_eq!(allowed(6), vec![0, 1, 2, 5, 6]);
+        assert_eq!(allowed(7), vec![7]);
+    }
+
+    #[test]
+    fn empty_sequences_are_refused() {
+        assert!(PackedSequences::new(&[&[1, 2], &[]]).is_err());
+        assert!(PackedSequences::new(&[]).unwrap().is_empty());
+    }
+}
