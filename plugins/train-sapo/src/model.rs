@@ -12,6 +12,8 @@
 //!   queries still attend to themselves, which keeps every softmax row finite (their outputs are
 //!   meaningless and must be masked out of any loss).
 
+use std::sync::Arc;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, D, DType, Device, Layout, Shape, Storage, Tensor,
@@ -20,6 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Result, TrainError};
+use crate::fused::KeyPattern;
 use crate::gguf::{self, LayerWeights, Linear, LlamaConfig, LlamaWeights, RopeStyle};
 use crate::lora::{LoraAdapter, TargetModule};
 use crate::pack::PackedSequences;
@@ -152,16 +155,16 @@ impl Llama {
         if t == 0 {
             return Err(TrainError::InvalidInput("empty sequence".to_string()));
         }
-        let (mask_bias, positions) = self.attention_inputs(b, t, attention_mask)?;
-        self.run_layers(ids, &mask_bias, &positions, adapter)
+        let (pattern, positions) = self.attention_inputs(b, t, attention_mask)?;
+        self.run_layers(ids, &Arc::new(pattern), &positions, adapter)
     }
 
-    /// The decoder over ids `(B, T)` with an additive attention bias `(B, 1, T, T)` and a rope
-    /// position per token; returns the final hidden states after the output norm.
+    /// The decoder over ids `(B, T)` with an attention pattern and a rope position per token;
+    /// returns the final hidden states after the output norm.
     fn run_layers(
         &self,
         ids: &Tensor,
-        mask_bias: &Tensor,
+        pattern: &Arc<KeyPattern>,
         positions: &[f32],
         adapter: Option<&LoraAdapter>,
     ) -> Result<Tensor> {
@@ -175,7 +178,7 @@ impl Llama {
             .reshape((b, t, self.config.hidden_size))?;
         for (i, layer) in self.weights.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, self.config.rms_eps)?;
-            let attn = self.attention(i, layer, &h, mask_bias, &cos, &sin, adapter)?;
+            let attn = self.attention(i, layer, &h, pattern, &cos, &sin, adapter)?;
             x = (x + attn)?;
             let h = rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
             let gate = linear(&h, &layer.gate, adapter, i, TargetModule::GateProj)?;
@@ -305,9 +308,9 @@ impl Llama {
         let n = pack.len();
         let device = self.device();
         let ids = Tensor::from_slice(pack.ids(), (1, n), device)?;
-        let bias = Tensor::from_vec(pack.attention_bias(), (1, 1, n, n), device)?;
+        let pattern = Arc::new(pack.key_pattern()?);
         let h = self
-            .run_layers(&ids, &bias, pack.positions(), adapter)?
+            .run_layers(&ids, &pattern, pack.positions(), adapter)?
             .squeeze(0)?;
         // Row `i * (width - 1) + j` of the result reads scored value `slot[..]`, or the zero
         // appended after the scored values.
@@ -369,13 +372,13 @@ impl Llama {
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
-    /// The additive attention bias `(B, 1, T, T)` (0 or -inf) and per-token positions `(B, T)`.
+    /// The causal attention pattern over padded rows and per-token positions `(B, T)`.
     fn attention_inputs(
         &self,
         b: usize,
         t: usize,
         attention_mask: Option<&Tensor>,
-    ) -> Result<(Tensor, Vec<f32>)> {
+    ) -> Result<(KeyPattern, Vec<f32>)> {
         let valid: Vec<bool> = match attention_mask {
             Some(mask) => {
                 let (mb, mt) = mask.dims2()?;
@@ -394,7 +397,6 @@ impl Llama {
             None => vec![true; b * t],
         };
         let mut positions = vec![0f32; b * t];
-        let mut bias = vec![0f32; b * t * t];
         for row in 0..b {
             let mut next = 0f32;
             for q in 0..t {
@@ -402,16 +404,9 @@ impl Llama {
                 if valid[row * t + q] {
                     next += 1.0;
                 }
-                for k in 0..t {
-                    let allowed = k == q || (k < q && valid[row * t + k]);
-                    if !allowed {
-                        bias[(row * t + q) * t + k] = f32::NEG_INFINITY;
-                    }
-                }
             }
         }
-        let bias = Tensor::from_vec(bias, (b, 1, t, t), self.device())?;
-        Ok((bias, positions))
+        Ok((KeyPattern::causal(&valid, b, t)?, positions))
     }
 
     /// cos/sin tables `(B, 1, T, head_dim/2)` in the model dtype.
@@ -439,7 +434,7 @@ impl Llama {
         layer_idx: usize,
         layer: &LayerWeights,
         x: &Tensor,
-        mask_bias: &Tensor,
+        pattern: &Arc<KeyPattern>,
         cos: &Tensor,
         sin: &Tensor,
         adapter: Option<&LoraAdapter>,
@@ -461,7 +456,7 @@ impl Llama {
         // share a kv head (head h uses kv head h / rep, as in GGML) are stacked along the time
         // axis, so one batched matmul per kv head serves all of them.
         let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
-        let out = crate::fused::attention(&q, &k, &v, mask_bias)?
+        let out = crate::fused::attention(&q, &k, &v, pattern)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;

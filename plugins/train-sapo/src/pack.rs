@@ -10,6 +10,7 @@
 //! adds up what each sequence above it sends down.
 
 use crate::error::{Result, TrainError};
+use crate::fused::KeyPattern;
 
 /// Sequences packed along their common prefixes.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +41,7 @@ impl PackedSequences {
                 .max_by_key(|&(len, j)| (len, std::cmp::Reverse(j)))
                 .unwrap_or((0, 0));
             let mut chain = Vec::with_capacity(seq.len());
-            chain.extend_from_slice(&chains.get(donor).map_or(&[][..], |c| &c[..shared]));
+            chain.extend_from_slice(chains.get(donor).map_or(&[][..], |c| &c[..shared]));
             for (depth, &token) in seq.iter().enumerate().skip(shared) {
                 chain.push(ids.len());
                 ids.push(token);
@@ -85,21 +86,20 @@ impl PackedSequences {
         &self.chains[i]
     }
 
-    /// The additive attention bias `(len × len)`, row-major: 0 where a packed token may attend
-    /// (itself and its ancestors), `-inf` elsewhere.
-    pub fn attention_bias(&self) -> Vec<f32> {
-        let n = self.len();
-        let mut bias = vec![f32::NEG_INFINITY; n * n];
-        // Every token appears in some chain, and a shared token's ancestors are the same in each
-        // chain that holds it, so marking every chain's pairs marks exactly the tree's pairs.
+    /// The attention pattern of the packed row: a token attends to itself and its ancestors.
+    pub fn key_pattern(&self) -> Result<KeyPattern> {
+        let mut rows: Vec<&[usize]> = vec![&[]; self.len()];
+        // A shared token's ancestors are the same in every chain that holds it.
         for chain in &self.chains {
-            for (depth, &query) in chain.iter().enumerate() {
-                for &key in &chain[..=depth] {
-                    bias[query * n + key] = 0.0;
-                }
+            for (depth, &token) in chain.iter().enumerate() {
+                rows[token] = &chain[..=depth];
             }
         }
-        bias
+        let rows: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.iter().map(|&k| k as u32).collect())
+            .collect();
+        KeyPattern::from_rows(1, self.len(), rows.iter().map(Vec::as_slice))
     }
 }
 
@@ -130,15 +130,12 @@ mod tests {
             let tokens: Vec<u32> = chain.iter().map(|&k| pack.ids()[k]).collect();
             assert_eq!(tokens, seq);
         }
-        let bias = pack.attention_bias();
-        let n = pack.len();
-        let allowed =
-            |q: usize| -> Vec<usize> { (0..n).filter(|&k| bias[q * n + k] == 0.0).collect() };
-        assert_eq!(allowed(0), vec![0]);
-        assert_eq!(allowed(3), vec![0, 1, 2, 3]);
-        assert_eq!(allowed(4), vec![0, 1, 4]);
-        assert_eq!(allowed(6), vec![0, 1, 2, 5, 6]);
-        assert_eq!(allowed(7), vec![7]);
+        let pattern = pack.key_pattern().unwrap();
+        assert_eq!(pattern.keys(0, 0), &[0]);
+        assert_eq!(pattern.keys(0, 3), &[0, 1, 2, 3]);
+        assert_eq!(pattern.keys(0, 4), &[0, 1, 4]);
+        assert_eq!(pattern.keys(0, 6), &[0, 1, 2, 5, 6]);
+        assert_eq!(pattern.keys(0, 7), &[7]);
     }
 
     #[test]
