@@ -13,7 +13,7 @@
 //! any device the basic ops run on.
 
 use candle_core::backend::BackendStorage;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp3, D, DType, Layout, Shape, Storage, Tensor,
@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use crate::error::{Result, TrainError};
 
 /// The working precision: f64 stays f64 (gradient checks), everything else runs in f32.
-fn work_dtype(t: &Tensor) -> DType {
+pub(crate) fn work_dtype(t: &Tensor) -> DType {
     if t.dtype() == DType::F64 {
         DType::F64
     } else {
@@ -33,11 +33,12 @@ fn work_dtype(t: &Tensor) -> DType {
     }
 }
 
-/// A result computed ahead of the op, handed to candle as the op's output.
-struct Precomputed(Tensor);
+/// A result computed ahead of the op, handed to candle as the op's output. It is handed over
+/// once and then dropped, so the op's graph node does not hold a second copy of its output.
+pub(crate) struct Precomputed(Mutex<Option<Tensor>>);
 
 impl Precomputed {
-    fn new(t: Tensor) -> Result<Self> {
+    pub(crate) fn new(t: Tensor) -> Result<Self> {
         // A fresh contiguous tensor starting at offset 0 owns exactly its elements, so its
         // storage can be copied out as is.
         let t = if t.is_contiguous() && t.layout().start_offset() == 0 {
@@ -45,19 +46,29 @@ impl Precomputed {
         } else {
             t.copy()?
         };
-        Ok(Self(t))
+        Ok(Self(Mutex::new(Some(t))))
     }
 
-    fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.0.storage_and_layout();
+    fn take(&self) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .ok_or_else(|| candle_core::Error::Msg("fused op: result already taken".to_string()))
+    }
+
+    pub(crate) fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("fused op: the precomputed result is not on the CPU"),
         }
     }
 
-    fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (storage, layout) = self.0.storage_and_layout();
+    pub(crate) fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
+        let t = self.take()?;
+        let (storage, layout) = t.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
             _ => candle_core::bail!("fused op: the precomputed result is not on the GPU"),
@@ -324,12 +335,15 @@ impl CustomOp3 for Attention {
 }
 
 /// A float the CPU attention kernel runs in.
-trait KernelFloat: Float + NumAssign + WithDType + Send + Sync + std::iter::Sum {}
+pub(crate) trait KernelFloat:
+    Float + NumAssign + WithDType + Send + Sync + std::iter::Sum
+{
+}
 impl KernelFloat for f32 {}
 impl KernelFloat for f64 {}
 
 /// `x · y`, in eight independent lanes so that the compiler can vectorise the reduction.
-fn dot<F: KernelFloat>(x: &[F], y: &[F]) -> F {
+pub(crate) fn dot<F: KernelFloat>(x: &[F], y: &[F]) -> F {
     let mut lanes = [F::zero(); 8];
     let (xc, yc) = (x.chunks_exact(8), y.chunks_exact(8));
     let tail: F = xc
@@ -347,13 +361,13 @@ fn dot<F: KernelFloat>(x: &[F], y: &[F]) -> F {
 }
 
 /// `y += a · x`.
-fn axpy<F: KernelFloat>(y: &mut [F], a: F, x: &[F]) {
+pub(crate) fn axpy<F: KernelFloat>(y: &mut [F], a: F, x: &[F]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y += a * x;
     }
 }
 
-fn host<F: KernelFloat>(t: &Tensor) -> Result<Vec<F>> {
+pub(crate) fn host<F: KernelFloat>(t: &Tensor) -> Result<Vec<F>> {
     Ok(t.flatten_all()?.to_vec1::<F>()?)
 }
 

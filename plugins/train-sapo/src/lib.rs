@@ -31,6 +31,7 @@
 pub mod error;
 mod fused;
 pub mod gguf;
+mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod merge;

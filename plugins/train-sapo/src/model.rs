@@ -24,6 +24,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::error::{Result, TrainError};
 use crate::fused::KeyPattern;
 use crate::gguf::{self, LayerWeights, Linear, LlamaConfig, LlamaWeights, RopeStyle};
+use crate::kernels;
 use crate::lora::{LoraAdapter, TargetModule};
 use crate::pack::PackedSequences;
 
@@ -176,15 +177,16 @@ impl Llama {
             .token_embd
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, self.config.hidden_size))?;
+        let eps = self.config.rms_eps;
         for (i, layer) in self.weights.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, self.config.rms_eps)?;
+            let h = kernels::rms_norm(&x, &layer.attn_norm, eps)?;
             let attn = self.attention(i, layer, &h, pattern, &cos, &sin, adapter)?;
             x = (x + attn)?;
-            let h = rms_norm(&x, &layer.ffn_norm, self.config.rms_eps)?;
+            let h = kernels::rms_norm(&x, &layer.ffn_norm, eps)?;
             let gate = linear(&h, &layer.gate, adapter, i, TargetModule::GateProj)?;
             let up = linear(&h, &layer.up, adapter, i, TargetModule::UpProj)?;
             let mlp = linear(
-                &(gate.silu()? * up)?,
+                &kernels::swiglu(&gate, &up)?,
                 &layer.down,
                 adapter,
                 i,
@@ -192,7 +194,7 @@ impl Llama {
             )?;
             x = (x + mlp)?;
         }
-        rms_norm(&x, &self.weights.output_norm, self.config.rms_eps)
+        kernels::rms_norm(&x, &self.weights.output_norm, eps)
     }
 
     /// Logits `(B, T, vocab)` for input ids `(B, T)`, with an optional LoRA adapter.
@@ -446,16 +448,20 @@ impl Llama {
         let q = linear(x, &layer.q, adapter, layer_idx, TargetModule::QProj)?;
         let k = linear(x, &layer.k, adapter, layer_idx, TargetModule::KProj)?;
         let v = linear(x, &layer.v, adapter, layer_idx, TargetModule::VProj)?;
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let style = c.architecture.rope_style();
-        let q = apply_rope(&q, cos, sin, style)?;
-        let k = apply_rope(&k, cos, sin, style)?;
+        let q = kernels::rope(
+            &q.reshape((b, t, nh, hd))?,
+            cos,
+            sin,
+            style,
+            1.0 / (hd as f64).sqrt(),
+        )?;
+        let k = kernels::rope(&k.reshape((b, t, nkv, hd))?, cos, sin, style, 1.0)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         // Grouped-query attention without copying keys and values: the `rep` query heads that
         // share a kv head (head h uses kv head h / rep, as in GGML) are stacked along the time
-        // axis, so one batched matmul per kv head serves all of them.
-        let q = (q * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, rep * t, hd))?;
+        // axis, so one pass per kv head serves all of them.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
         let out = crate::fused::attention(&q, &k, &v, pattern)?
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
