@@ -16,8 +16,12 @@
 //! serving model, so its peak RSS compares with the peer's:
 //!
 //! ```text
-//! cargo bench -p searchloop-learn --bench round -- --train-batch FILE [--threads N]
+//! cargo bench -p searchloop-learn --bench round -- --train-batch FILE [--threads N] \
+//!     [--micro-batch-tokens N]
 //! ```
+//!
+//! `--micro-batch-tokens N` cuts micro-batches by packed length instead of two sequences each
+//! (the peer's setting); the mini-batches and the result are the same.
 
 use std::{
     path::{Path, PathBuf},
@@ -48,6 +52,7 @@ struct Args {
     threads: usize,
     dump_batch: Option<PathBuf>,
     train_batch: Option<PathBuf>,
+    micro_batch_tokens: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -63,6 +68,7 @@ fn parse_args() -> Result<Args> {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         dump_batch: None,
         train_batch: None,
+        micro_batch_tokens: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +80,7 @@ fn parse_args() -> Result<Args> {
             "--threads" => args.threads = value()?.parse()?,
             "--dump-batch" => args.dump_batch = Some(PathBuf::from(value()?)),
             "--train-batch" => args.train_batch = Some(PathBuf::from(value()?)),
+            "--micro-batch-tokens" => args.micro_batch_tokens = value()?.parse()?,
             // cargo bench passes --bench.
             "--bench" => {}
             other => anyhow::bail!("unknown argument {other}"),
@@ -169,12 +176,14 @@ fn train_flops(c: &LlamaConfig, t: f64, rank: f64, lora_targets: &[(usize, usize
     (linear + attention + lora) + (linear + 2.0 * attention + 2.0 * lora)
 }
 
-/// The trainer settings of the benchmark: one epoch, mini-batches of 8, micro-batches of 2.
-fn bench_trainer() -> TrainerConfig {
+/// The trainer settings of the benchmark: one epoch, mini-batches of 8, micro-batches of 2
+/// sequences or of `micro_batch_tokens` packed tokens.
+fn bench_trainer(micro_batch_tokens: usize) -> TrainerConfig {
     TrainerConfig {
         ppo_epochs: 1,
         mini_batch_size: 8,
         micro_batch_size: 2,
+        micro_batch_tokens,
         ..RoundConfig::default().trainer
     }
 }
@@ -232,7 +241,7 @@ async fn run(args: Args) -> Result<()> {
 
     let gflops = matmul_gflops(args.threads)?;
     let config = RoundConfig {
-        trainer: bench_trainer(),
+        trainer: bench_trainer(args.micro_batch_tokens),
         group_size: args.group_size,
         prompts_per_round: args.prompts,
         source: GroupSource::Replay,
@@ -385,7 +394,7 @@ fn train_only(args: &Args, batch: &Path) -> Result<()> {
         let model_config = model.config().clone();
         let lora = LoraConfig::default();
         let adapter = LoraAdapter::new(lora.clone(), &model_config, &Device::Cpu, DType::F32)?;
-        let mut trainer = Trainer::new(model, adapter, bench_trainer())?;
+        let mut trainer = Trainer::new(model, adapter, bench_trainer(args.micro_batch_tokens))?;
         let load_seconds = load_started.elapsed().as_secs_f64();
         let (rss_loaded, _) = memory_mib();
         let started = Instant::now();
@@ -412,6 +421,7 @@ fn train_only(args: &Args, batch: &Path) -> Result<()> {
             serde_json::to_string_pretty(&json!({
                 "engine": "searchloop (candle)",
                 "threads": args.threads,
+                "micro_batch_tokens": args.micro_batch_tokens,
                 "sequences": report.trained_sequences,
                 "steps": report.steps.len(),
                 "seconds_per_step": seconds / steps,

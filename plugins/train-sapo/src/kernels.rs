@@ -1,4 +1,4 @@
-//! Fused RMS norm, SwiGLU and rope ops, each one graph node with its own backward.
+//! Fused RMS norm, SwiGLU, rope and LoRA-linear ops, each one graph node with its own backward.
 //!
 //! Written with basic ops, an RMS norm is seven graph nodes, a rope twelve, and each node keeps
 //! its output alive until the backward pass and gets its gradient through a fresh zeroed buffer:
@@ -8,7 +8,7 @@
 //! (backward).
 
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, Var,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, Var,
 };
 use num_traits::Float;
 use rayon::prelude::*;
@@ -483,6 +483,84 @@ impl CustomOp1 for Rope {
     }
 }
 
+/// `x Wᵀ (+ bias) + scale · (x Aᵀ) Bᵀ` for `x: (N, in)`, a frozen `weight: (out, in)` and
+/// LoRA factors `a: (r, in)`, `b: (out, r)`. One graph node instead of six: it keeps no
+/// output-sized intermediate for the backward pass, which recomputes the rank-r product.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let xd = x.detach();
+    let mut y = (xd.matmul(&weight.t()?)? + ((xd.matmul(&a.t()?)? * scale)?.matmul(&b.t()?))?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(bias)?;
+    }
+    let op = LoraLinear {
+        weight: weight.detach(),
+        scale,
+        out: Precomputed::new(y)?,
+    };
+    Ok(x.apply_op3(a, b, op)?)
+}
+
+struct LoraLinear {
+    weight: Tensor,
+    scale: f64,
+    out: Precomputed,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+
+    /// With `g` the output gradient and `gb = scale · g B`: `dx = g W + gb A`,
+    /// `dA = gbᵀ x`, `dB = gᵀ (scale · x Aᵀ)`.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, a, b, g) = (x.detach(), a.detach(), b.detach(), grad.detach());
+        let gb = (g.matmul(&b)? * self.scale)?;
+        let dx = (g.matmul(&self.weight)? + gb.matmul(&a)?)?;
+        let da = gb.t()?.matmul(&x)?;
+        let db = g.t()?.matmul(&(x.matmul(&a.t()?)? * self.scale)?)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{Device, Var};
@@ -555,6 +633,20 @@ mod tests {
             &[gate, up],
             |v| swiglu(&v[0], &v[1]),
             |v| Ok((v[0].silu()? * &v[1])?),
+        );
+
+        let x = Var::randn(0f64, 1.0, (9, 6), &dev).unwrap();
+        let a = Var::randn(0f64, 1.0, (2, 6), &dev).unwrap();
+        let b = Var::randn(0f64, 1.0, (5, 2), &dev).unwrap();
+        let w = Tensor::randn(0f64, 1.0, (5, 6), &dev).unwrap();
+        let bias = Tensor::randn(0f64, 1.0, 5, &dev).unwrap();
+        check(
+            &[x, a, b],
+            |v| lora_linear(&v[0], &w, Some(&bias), &v[1], &v[2], 2.5),
+            |v| {
+                let frozen = v[0].matmul(&w.t()?)?.broadcast_add(&bias)?;
+                Ok((frozen + (v[0].matmul(&v[1].t()?)?.matmul(&v[2].t()?)? * 2.5)?)?)
+            },
         );
 
         let (b, t, h, d) = (2, 5, 3, 8);

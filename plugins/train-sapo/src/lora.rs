@@ -330,13 +330,19 @@ impl LoraAdapter {
         let a = pair.a.as_tensor();
         let x_dtype = x.dtype();
         let mut h = x.to_dtype(a.dtype())?;
-        if self.training && self.config.dropout > 0.0 {
+        if self.drops_out() {
             h = self.dropout(&h)?;
         }
         // Scaling the rank-r intermediate instead of the output touches r values per token
         // rather than one per output feature.
         let h = (h.matmul(&a.t()?)? * self.scale())?.matmul(&pair.b.as_tensor().t()?)?;
         Ok(Some(h.to_dtype(x_dtype)?))
+    }
+
+    /// Whether [`LoraAdapter::forward_delta`] applies dropout to its input (training with a
+    /// non-zero rate).
+    pub fn drops_out(&self) -> bool {
+        self.training && self.config.dropout > 0.0
     }
 
     fn dropout(&self, x: &Tensor) -> Result<Tensor> {

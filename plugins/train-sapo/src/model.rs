@@ -489,6 +489,22 @@ fn linear(
 ) -> Result<Tensor> {
     let (b, t, input) = x.dims3()?;
     let x2 = x.reshape((b * t, input))?;
+    if let Some(adapter) = adapter
+        && let Some(pair) = adapter.pair(layer, module)
+        && !adapter.drops_out()
+        && pair.a.dtype() == x.dtype()
+    {
+        let y = kernels::lora_linear(
+            &x2,
+            &lin.weight,
+            lin.bias.as_ref(),
+            pair.a.as_tensor(),
+            pair.b.as_tensor(),
+            adapter.scale(),
+        )?;
+        let out = y.dim(1)?;
+        return Ok(y.reshape((b, t, out))?);
+    }
     let mut y = frozen_matmul(&x2, &lin.weight)?;
     if let Some(bias) = &lin.bias {
         y = y.broadcast_add(bias)?;

@@ -22,7 +22,7 @@ use crate::loss::{
     policy_loss,
 };
 use crate::model::{Llama, TokenStats};
-use crate::pack::PackedSequences;
+use crate::pack::{PackedSequences, common_prefix};
 
 /// One logged episode, flattened to what the trainer needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +95,12 @@ pub struct TrainerConfig {
     pub mini_batch_size: usize,
     /// Sequences per forward/backward (gradients accumulate over a mini-batch).
     pub micro_batch_size: usize,
+    /// When non-zero, micro-batches are cut by packed length instead of
+    /// `micro_batch_size`: the mini-batch's sequences, ordered so that those sharing prefixes
+    /// sit together, fill a micro-batch until its packed row would pass this many tokens (a
+    /// longer sequence goes alone). Memory follows the packed length, so this bounds it while
+    /// letting shared prompts be computed once for as many sequences as fit.
+    pub micro_batch_tokens: usize,
     /// Clip the global gradient norm to this value; 0 disables clipping.
     pub max_grad_norm: f64,
     /// The policy loss.
@@ -119,6 +125,7 @@ impl Default for TrainerConfig {
             ppo_epochs: 1,
             mini_batch_size: 8,
             micro_batch_size: 2,
+            micro_batch_tokens: 0,
             max_grad_norm: 1.0,
             loss: LossConfig::default(),
             advantages: AdvantageConfig::default(),
@@ -368,8 +375,8 @@ impl Trainer {
                     Some(behaviour) => behaviour.as_ref(),
                     None => Some(&self.adapter),
                 };
-                for chunk in members.chunks(self.config.micro_batch_size) {
-                    let lps = self.logprobs_no_grad(&prepared, chunk, adapter)?;
+                for chunk in self.micro_batches(&prepared, &members) {
+                    let lps = self.logprobs_no_grad(&prepared, &chunk, adapter)?;
                     for (&i, lp) in chunk.iter().zip(lps) {
                         let p = &mut prepared[i];
                         gap.add(&p.mask, &p.old, &lp);
@@ -379,11 +386,9 @@ impl Trainer {
             }
         }
         if self.config.loss.kl_beta != 0.0 && !prepared.is_empty() {
-            for chunk in (0..prepared.len())
-                .collect::<Vec<_>>()
-                .chunks(self.config.micro_batch_size)
-            {
-                let lps = self.logprobs_no_grad(&prepared, chunk, None)?;
+            let all: Vec<usize> = (0..prepared.len()).collect();
+            for chunk in self.micro_batches(&prepared, &all) {
+                let lps = self.logprobs_no_grad(&prepared, &chunk, None)?;
                 for (&i, lp) in chunk.iter().zip(lps) {
                     prepared[i].reference = Some(lp);
                 }
@@ -446,7 +451,8 @@ impl Trainer {
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut last_store: Option<GradStore> = None;
         let mut metrics: Option<LossMetrics> = None;
-        for micro in mini.chunks(self.config.micro_batch_size) {
+        for micro in self.micro_batches(data, mini) {
+            let micro = micro.as_slice();
             let batch = self.collate(data, micro)?;
             let stats = self.score(data, micro, &batch, Some(&self.adapter))?;
             let logp = stats.logprobs;
@@ -548,6 +554,42 @@ impl Trainer {
                 row
             })
             .collect())
+    }
+
+    /// Splits `idx` into micro-batches: by count, or by packed length with
+    /// [`TrainerConfig::micro_batch_tokens`].
+    fn micro_batches(&self, data: &[Prepared], idx: &[usize]) -> Vec<Vec<usize>> {
+        let budget = self.config.micro_batch_tokens;
+        if budget == 0 {
+            return idx
+                .chunks(self.config.micro_batch_size)
+                .map(<[usize]>::to_vec)
+                .collect();
+        }
+        // In lexicographic order a sequence shares its longest prefix with the one before it,
+        // which is what packing it adds to.
+        let mut order = idx.to_vec();
+        order.sort_by(|&a, &b| data[a].tokens.cmp(&data[b].tokens));
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        let mut packed = 0;
+        let mut previous: Option<&[u32]> = None;
+        for i in order {
+            let tokens = data[i].tokens.as_slice();
+            let shared = previous.map_or(0, |p| common_prefix(p, tokens));
+            let added = tokens.len() - shared;
+            match batches.last_mut() {
+                Some(batch) if packed + added <= budget => {
+                    batch.push(i);
+                    packed += added;
+                }
+                _ => {
+                    batches.push(vec![i]);
+                    packed = tokens.len();
+                }
+            }
+            previous = Some(tokens);
+        }
+        batches
     }
 
     /// Log-probs of a collated micro-batch at its trained positions (zero elsewhere), its
@@ -866,16 +908,17 @@ mod tests {
             b[8].reward = 1.0;
             b
         };
-        let cfg = |micro: usize| TrainerConfig {
+        let cfg = |micro: usize, tokens: usize| TrainerConfig {
             ppo_epochs: 1,
             mini_batch_size: 16,
             micro_batch_size: micro,
+            micro_batch_tokens: tokens,
             max_grad_norm: 0.0,
             warmup_steps: 4,
             ..toy_config_trainer()
         };
-        let run = |micro: usize| {
-            let mut t = toy_trainer(2, cfg(micro));
+        let run = |micro: usize, tokens: usize| {
+            let mut t = toy_trainer(2, cfg(micro, tokens));
             let report = t.train(&batch).unwrap();
             let vars: Vec<f32> = t
                 .adapter()
@@ -891,21 +934,66 @@ mod tests {
                 .collect();
             (report, vars)
         };
-        let (r1, v1) = run(16);
-        let (r4, v4) = run(3);
+        let (r1, v1) = run(16, 0);
         assert_eq!(r1.steps.len(), 1);
-        assert!((r1.steps[0].loss.loss - r4.steps[0].loss.loss).abs() < 1e-6);
-        assert!(
-            (r1.steps[0].grad_norm - r4.steps[0].grad_norm).abs() < 1e-5 * r1.steps[0].grad_norm
-        );
-        let max = v1
-            .iter()
-            .zip(&v4)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(max < 1e-5, "{max}");
+        // Micro-batches of 3 sequences, and micro-batches cut at 6 packed tokens (a shared
+        // 3-token prompt and up to 3 distinct answers) with the micro-batch size ignored.
+        for (r4, v4) in [run(3, 0), run(1, 6)] {
+            assert!((r1.steps[0].loss.loss - r4.steps[0].loss.loss).abs() < 1e-6);
+            assert!(
+                (r1.steps[0].grad_norm - r4.steps[0].grad_norm).abs()
+                    < 1e-5 * r1.steps[0].grad_norm
+            );
+            let max = v1
+                .iter()
+                .zip(&v4)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 1e-5, "{max}");
+        }
         let lr = toy_config_trainer().learning_rate;
         assert!((r1.steps[0].learning_rate - lr / 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn token_budgets_cut_micro_batches_by_packed_length() {
+        let cfg = TrainerConfig {
+            micro_batch_tokens: 10,
+            ..toy_config_trainer()
+        };
+        let t = toy_trainer(1, cfg);
+        let prepared: Vec<Prepared> = [
+            vec![1, 2, 3, 4, 5, 6],
+            vec![9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9],
+            vec![1, 2, 3, 4, 7, 8],
+            vec![1, 2, 3, 9],
+            vec![1, 2, 5],
+        ]
+        .into_iter()
+        .map(|tokens| Prepared {
+            mask: vec![true; tokens.len() - 1],
+            old: vec![0.0; tokens.len() - 1],
+            tokens,
+            reference: None,
+            advantage: 1.0,
+            temperature: 1.0,
+            adapter_version: None,
+        })
+        .collect();
+        // Sorted: [1 2 3 4 5 6] (6), [1 2 3 4 7 8] (+2), [1 2 3 9] (+1), [1 2 5] (+1) = 10 packed
+        // tokens; the 12-token sequence exceeds the budget and goes alone.
+        assert_eq!(
+            t.micro_batches(&prepared, &[0, 1, 2, 3, 4]),
+            vec![vec![0, 2, 3, 4], vec![1]]
+        );
+        let pack = PackedSequences::new(&[
+            &prepared[0].tokens[..],
+            &prepared[2].tokens,
+            &prepared[3].tokens,
+            &prepared[4].tokens,
+        ])
+        .unwrap();
+        assert_eq!(pack.len(), 10);
     }
 
     #[test]
