@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Training-round benchmark of the candle trainer against a PyTorch + PEFT peer on the same batch.
 #
-#   scripts/bench-train.sh [--threads N] [--group-size G] [--prompts P]
+#   scripts/bench-train.sh [--threads N] [--group-size G] [--prompts P] [--micro-batch-tokens N]
 #
 # 1. the `round` bench of searchloop-learn samples G episodes for each of P train
 #    questions with the embedded model (mistral.rs, f32), trains one GRPO + SAPO pass over them,
 #    and dumps the trained batch;
 # 2. the same bench with `--train-batch` trains on that batch alone, in a process without the
-#    serving model, so its peak RSS compares with the peer's;
+#    serving model, so its peak RSS compares with the peer's: once with the peer's micro-batches
+#    of two sequences, once with micro-batches cut at N packed tokens (default 2048);
 # 3. plugins/learn/benches/torch_peer.py trains a PEFT LoRA on the same batch with the same loss,
 #    optimizer and batching, with the same thread count.
 #
@@ -21,11 +22,13 @@ venv="$root/.cache/torch-venv"
 cd "$root"
 
 threads=$(nproc)
+micro_batch_tokens=2048
 round_args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --threads) threads="$2"; shift 2 ;;
         --group-size|--prompts) round_args+=("$1" "$2"); shift 2 ;;
+        --micro-batch-tokens) micro_batch_tokens="$2"; shift 2 ;;
         *) echo "bench-train.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -41,8 +44,12 @@ batch="$(mktemp -d)/batch.json"
 log "round: rollouts with the serving model, then one training pass ($threads threads)"
 "$round_bench" --model "$model" --threads "$threads" --dump-batch "$batch" "${round_args[@]}"
 
-log "candle trainer alone on the dumped batch"
+log "candle trainer alone on the dumped batch, micro-batches of 2 sequences"
 "$round_bench" --model "$model" --threads "$threads" --train-batch "$batch"
+
+log "candle trainer alone on the dumped batch, micro-batches of $micro_batch_tokens packed tokens"
+"$round_bench" --model "$model" --threads "$threads" --train-batch "$batch" \
+    --micro-batch-tokens "$micro_batch_tokens"
 
 log "PyTorch + PEFT peer on the same batch"
 "$venv/bin/python" plugins/learn/benches/torch_peer.py "$batch" --model "$model" --threads "$threads"

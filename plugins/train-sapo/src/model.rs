@@ -1,8 +1,9 @@
-//! A differentiable llama-family forward pass over whole, padded batches of sequences.
+//! A differentiable llama-family forward pass over padded batches or packed sequences.
 //!
-//! Every operation here has a backward in candle (matmul, exp, log, sums, broadcasts, gather,
-//! index-select). candle's fused `softmax_last_dim`, `rms_norm` and rope kernels have none, so
-//! RMS norm, softmax, log-softmax and both rope layouts are written out with basic ops.
+//! candle's fused `softmax_last_dim`, `rms_norm` and rope kernels have no backward. The layers
+//! run on this crate's own fused ops ([`crate::kernels`], [`crate::fused`]), each one graph node
+//! with a hand-written backward; the basic-op versions of RMS norm, softmax, log-softmax and
+//! both rope layouts here check them in tests and compute them off the CPU.
 //!
 //! Layout conventions:
 //! - weights stay in GGUF layout; for llama files the q/k rows are permuted for the interleaved
