@@ -76,6 +76,71 @@ impl Precomputed {
     }
 }
 
+/// Implements a custom op's `cpu_fwd` and `cuda_fwd` (for an op of 1, 2 or 3 inputs) by
+/// handing over the op's `out: Precomputed` result.
+macro_rules! precomputed_forward {
+    (1) => {
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            self.out.cpu()
+        }
+
+        fn cuda_fwd(
+            &self,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+            _: &CudaStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            self.out.cuda()
+        }
+    };
+}
+pub(crate) use precomputed_forward;
+
 /// Which keys each query attends to: for each of the `B·T` query positions, its allowed key
 /// positions within its batch row, ascending. Every query must allow at least one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,29 +327,7 @@ impl CustomOp3 for Attention {
         "lean-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(3);
 
     fn bwd(
         &self,
@@ -555,13 +598,7 @@ impl CustomOp1 for Head {
         "lean-head"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(1);
 
     /// `d logp_i / d h_i = s_i g_i (W[y_i] - softmax(s_i h_i Wᵀ) W)` with `s_i` the inverse
     /// temperature, computed chunk by chunk.

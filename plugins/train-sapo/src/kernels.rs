@@ -14,7 +14,7 @@ use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::error::{Result, TrainError};
-use crate::fused::{KernelFloat, Precomputed, host, work_dtype};
+use crate::fused::{KernelFloat, Precomputed, host, precomputed_forward, work_dtype};
 use crate::gguf::RopeStyle;
 
 /// Gradients of `basic` at `inputs` against `grad`, by candle's autograd on detached copies.
@@ -71,26 +71,23 @@ const ROWS_PER_TASK: usize = 16;
 
 /// RMS norm over the last dimension, `x / sqrt(mean(x²) + eps) · weight`, with a frozen weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let op = RmsNorm {
-        weight: weight.detach(),
-        eps,
-        out: None,
-    };
+    let weight = weight.detach();
     let out = if x.device().is_cpu() {
-        op.host_forward(x)?
+        rms_norm_host(x, &weight, eps, x, false)?
     } else {
-        crate::model::rms_norm(&x.detach(), weight, eps)?
+        crate::model::rms_norm(&x.detach(), &weight, eps)?
     };
     Ok(x.apply_op1(RmsNorm {
-        out: Some(Precomputed::new(out)?),
-        ..op
+        weight,
+        eps,
+        out: Precomputed::new(out)?,
     })?)
 }
 
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
-    out: Option<Precomputed>,
+    out: Precomputed,
 }
 
 fn rms_norm_rows<F: KernelFloat>(x: &[F], w: &[F], eps: f64) -> Vec<F> {
@@ -142,11 +139,25 @@ fn rms_norm_rows_backward<F: KernelFloat>(x: &[F], w: &[F], dy: &[F], eps: f64) 
     dx
 }
 
-impl RmsNorm {
-    fn host_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let eps = self.eps;
+/// The norm of `x` on the host, or with `backward` the gradient `grad` sends back to `x`.
+fn rms_norm_host(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    grad: &Tensor,
+    backward: bool,
+) -> Result<Tensor> {
+    if backward {
         on_host(
-            &[x, &self.weight],
+            &[x, weight, grad],
+            x.shape(),
+            x.dtype(),
+            |v| rms_norm_rows_backward(&v[0], &v[1], &v[2], eps),
+            |v| rms_norm_rows_backward(&v[0], &v[1], &v[2], eps),
+        )
+    } else {
+        on_host(
+            &[x, weight],
             x.shape(),
             x.dtype(),
             |v| rms_norm_rows(&v[0], &v[1], eps),
@@ -160,33 +171,14 @@ impl CustomOp1 for RmsNorm {
         "rms-norm"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match &self.out {
-            Some(out) => out.cpu(),
-            None => candle_core::bail!("rms-norm: no result"),
-        }
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        match &self.out {
-            Some(out) => out.cuda(),
-            None => candle_core::bail!("rms-norm: no result"),
-        }
-    }
+    precomputed_forward!(1);
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let eps = self.eps;
+        let (weight, eps) = (&self.weight, self.eps);
         if x.device().is_cpu() {
-            let dx = on_host(
-                &[x, &self.weight, grad],
-                x.shape(),
-                x.dtype(),
-                |v| rms_norm_rows_backward(&v[0], &v[1], &v[2], eps),
-                |v| rms_norm_rows_backward(&v[0], &v[1], &v[2], eps),
-            );
+            let dx = rms_norm_host(x, weight, eps, grad, true);
             return dx.map(Some).map_err(candle_core::Error::wrap);
         }
-        let weight = &self.weight;
         let mut grads = basic_backward(&[x], grad, |v| crate::model::rms_norm(&v[0], weight, eps))?;
         Ok(grads.pop())
     }
@@ -273,25 +265,7 @@ impl CustomOp2 for SwiGlu {
         "swiglu"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(2);
 
     fn bwd(
         &self,
@@ -330,21 +304,26 @@ pub fn rope(
     scale: f64,
 ) -> Result<Tensor> {
     let (b, t, h, d) = x.dims4()?;
-    let op = Rope {
-        cos: cos.detach(),
-        sin: sin.detach(),
-        style,
-        scale,
-        out: None,
-    };
+    let (cos, sin) = (cos.detach(), sin.detach());
     let out = if x.device().is_cpu() {
-        op.host(x, &Shape::from((b, h, t, d)), false)?
+        rope_host(
+            x,
+            &cos,
+            &sin,
+            style,
+            scale,
+            &Shape::from((b, h, t, d)),
+            false,
+        )?
     } else {
-        rope_basic(&x.detach(), cos, sin, style, scale)?
+        rope_basic(&x.detach(), &cos, &sin, style, scale)?
     };
     Ok(x.apply_op1(Rope {
-        out: Some(Precomputed::new(out)?),
-        ..op
+        cos,
+        sin,
+        style,
+        scale,
+        out: Precomputed::new(out)?,
     })?)
 }
 
@@ -364,7 +343,7 @@ struct Rope {
     sin: Tensor,
     style: RopeStyle,
     scale: f64,
-    out: Option<Precomputed>,
+    out: Precomputed,
 }
 
 /// Dimensions of a rope call: time, heads, head size (the batch follows from the length).
@@ -430,24 +409,31 @@ fn rope_values<F: KernelFloat>(
     out
 }
 
-impl Rope {
-    fn host(&self, x: &Tensor, shape: &Shape, inverse: bool) -> Result<Tensor> {
-        let (_, h, t, d) = if inverse {
-            x.dims4()?
-        } else {
-            let (b, t, h, d) = x.dims4()?;
-            (b, h, t, d)
-        };
-        let dims = RopeDims { t, h, d };
-        let (style, scale) = (self.style, self.scale);
-        on_host(
-            &[x, &self.cos, &self.sin],
-            shape,
-            x.dtype(),
-            |v| rope_values(&v[0], &v[1], &v[2], dims, style, scale as f32, inverse),
-            |v| rope_values(&v[0], &v[1], &v[2], dims, style, scale, inverse),
-        )
-    }
+/// The rope of `x` on the host (token-major in, head-major out), or with `inverse` the
+/// gradient of a head-major `x` sent back to the token-major input, shaped `shape`.
+fn rope_host(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+    scale: f64,
+    shape: &Shape,
+    inverse: bool,
+) -> Result<Tensor> {
+    let (_, h, t, d) = if inverse {
+        x.dims4()?
+    } else {
+        let (b, t, h, d) = x.dims4()?;
+        (b, h, t, d)
+    };
+    let dims = RopeDims { t, h, d };
+    on_host(
+        &[x, cos, sin],
+        shape,
+        x.dtype(),
+        |v| rope_values(&v[0], &v[1], &v[2], dims, style, scale as f32, inverse),
+        |v| rope_values(&v[0], &v[1], &v[2], dims, style, scale, inverse),
+    )
 }
 
 impl CustomOp1 for Rope {
@@ -455,29 +441,16 @@ impl CustomOp1 for Rope {
         "rope"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        match &self.out {
-            Some(out) => out.cpu(),
-            None => candle_core::bail!("rope: no result"),
-        }
-    }
-
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        match &self.out {
-            Some(out) => out.cuda(),
-            None => candle_core::bail!("rope: no result"),
-        }
-    }
+    precomputed_forward!(1);
 
     /// A rotation's transpose is the rotation by the negated angles.
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (cos, sin, style, scale) = (&self.cos, &self.sin, self.style, self.scale);
         if x.device().is_cpu() {
-            let dx = self
-                .host(&grad.contiguous()?, x.shape(), true)
+            let dx = rope_host(&grad.contiguous()?, cos, sin, style, scale, x.shape(), true)
                 .map_err(candle_core::Error::wrap)?;
             return Ok(Some(dx));
         }
-        let (cos, sin, style, scale) = (&self.cos, &self.sin, self.style, self.scale);
         let mut grads = basic_backward(&[x], grad, |v| rope_basic(&v[0], cos, sin, style, scale))?;
         Ok(grads.pop())
     }
@@ -518,29 +491,7 @@ impl CustomOp3 for LoraLinear {
         "lora-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(3);
 
     /// With `g` the output gradient and `gb = scale · g B`: `dx = g W + gb A`,
     /// `dA = gbᵀ x`, `dB = gᵀ (scale · x Aᵀ)`.
