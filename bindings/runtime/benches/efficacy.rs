@@ -304,6 +304,8 @@ async fn run_arm(args: &Args, arm: Arm) -> Vec<RoundRow> {
     learn.round.trainer.ppo_epochs = args.epochs;
     learn.round.trainer.mini_batch_size = 4;
     learn.round.trainer.micro_batch_size = 1;
+    // One sequence per micro-batch, as when these figures were first recorded.
+    learn.round.trainer.micro_batch_tokens = 0;
     if let Some(lr) = args.learning_rate {
         learn.round.trainer.learning_rate = lr;
     }

@@ -98,6 +98,8 @@ fn main() {
         // stays small, and the memory cap can stop it between steps.
         learn.round.trainer.mini_batch_size = 2;
         learn.round.trainer.micro_batch_size = 1;
+        // One sequence per micro-batch, as when these figures were first recorded.
+        learn.round.trainer.micro_batch_tokens = 0;
         learn.round.trainer.advantages.skip_zero_std_groups = false;
         ws.config.learn = Some(learn);
         let runtime = Arc::new(Runtime::start(ws.config.clone()).await.unwrap());

@@ -12,8 +12,9 @@
 //!    the process's resident memory is at [`SchedulerConfig::memory_cap_mb`], and one that
 //!    passes it (checked every 100 ms) is cancelled. Cancellation takes effect at the round's
 //!    next check (between replay episodes and between optimizer steps), so what one optimizer
-//!    step allocates is bounded by the round config (`trainer.micro_batch_size` sequences of at
-//!    most `max_sequence_tokens`), not by the cap. A round that fails or is cancelled leaves no
+//!    step allocates is bounded by the round config (a micro-batch of at most
+//!    `trainer.micro_batch_tokens` packed tokens, or `trainer.micro_batch_size` sequences of at
+//!    most `max_sequence_tokens` when that is 0), not by the cap. A round that fails or is cancelled leaves no
 //!    registry row (searchloop-learn's guarantee);
 //! 2. the gate evaluates the candidate and the model serving now on the same held-out
 //!    questions with the same seed, through agents that record nothing (held-out episodes must

@@ -108,6 +108,10 @@ impl Default for RoundConfig {
                 // LoRA needs a larger step than full fine-tuning; 5e-5 moves a rank-8 adapter
                 // on a 135M model visibly within a round without collapsing it.
                 learning_rate: 5e-5,
+                // A micro-batch packs at most as many tokens as the longest sequence a round
+                // keeps (`max_sequence_tokens`), so its memory bound is one such sequence's,
+                // while shared prompts are computed once for as many sequences as fit.
+                micro_batch_tokens: 2048,
                 ..TrainerConfig::default()
             },
             lora: LoraConfig::default(),
