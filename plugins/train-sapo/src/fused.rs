@@ -637,21 +637,7 @@ mod tests {
 
     use super::*;
     use crate::model::{log_softmax_last, softmax_last};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_support::max_diff;
 
     #[test]
     fn lean_attention_matches_basic_ops_in_value_and_gradient() {

@@ -517,19 +517,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_support::max_diff;
 
     /// Checks a fused op against its basic-op version in value and in the gradient of a random
     /// weighting of its output, for every input.

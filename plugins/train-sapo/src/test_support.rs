@@ -176,3 +176,19 @@ pub(crate) fn randomize_b(adapter: &LoraAdapter, seed: u64) {
             .unwrap();
     }
 }
+
+/// The largest absolute element-wise difference of two tensors of the same shape, as f64.
+pub(crate) fn max_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
