@@ -245,11 +245,7 @@ impl Llama {
                     temps.len()
                 )));
             }
-            if let Some(bad) = temps.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
-                return Err(TrainError::InvalidInput(format!(
-                    "temperature {bad} must be a positive finite number"
-                )));
-            }
+            check_temperatures(temps)?;
         }
         let h = self.hidden_states(ids, attention_mask, adapter)?;
         // The last position predicts nothing we can score, so its logits are never formed.
@@ -297,11 +293,7 @@ impl Llama {
                 temperatures.len()
             )));
         }
-        if let Some(bad) = temperatures.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
-            return Err(TrainError::InvalidInput(format!(
-                "temperature {bad} must be a positive finite number"
-            )));
-        }
+        check_temperatures(temperatures)?;
         let width = (0..b).map(|i| pack.chain(i).len()).max().unwrap_or(0);
         if width < 2 {
             return Err(TrainError::InvalidInput(
@@ -315,8 +307,8 @@ impl Llama {
         let h = self
             .run_layers(&ids, &pattern, pack.positions(), adapter)?
             .squeeze(0)?;
-        // Row `i * (width - 1) + j` of the result reads scored value `slot[..]`, or the zero
-        // appended after the scored values.
+        // Row `i * (width - 1) + j` of the result reads element `slot[..]` of the scored values
+        // behind a leading zero: 0 for an unscored position, 1 + k for the k-th scored one.
         let mut rows = Vec::new();
         let mut targets = Vec::new();
         let mut inv_temp = Vec::new();
@@ -333,34 +325,28 @@ impl Llama {
             }
             for j in 0..width - 1 {
                 if j < predicted && flags[j] {
-                    slot.push(rows.len() as u32);
                     rows.push(chain[j] as u32);
+                    slot.push(rows.len() as u32);
                     targets.push(pack.ids()[chain[j + 1]]);
                     inv_temp.push(1.0 / temp);
                 } else {
-                    slot.push(u32::MAX);
+                    slot.push(0);
                 }
-            }
-        }
-        let zero = rows.len() as u32;
-        for s in &mut slot {
-            if *s == u32::MAX {
-                *s = zero;
             }
         }
         let slot = Tensor::from_vec(slot, b * (width - 1), device)?;
         let work = work_dtype(h.dtype());
+        let zero = Tensor::zeros(1, work, device)?;
         let (logprobs, entropy) = if rows.is_empty() {
-            let zeros = Tensor::zeros(1, work, device)?;
-            (zeros.clone(), zeros)
+            (zero.clone(), zero)
         } else {
-            let picked = h.index_select(&Tensor::from_vec(rows, zero as usize, device)?, 0)?;
+            let n_rows = rows.len();
+            let picked = h.index_select(&Tensor::from_vec(rows, n_rows, device)?, 0)?;
             let (lp, ent) =
                 crate::fused::head_logprobs(&picked, &self.weights.output, &targets, &inv_temp)?;
-            let pad = Tensor::zeros(1, work, device)?;
             (
-                Tensor::cat(&[&lp.to_dtype(work)?, &pad], 0)?,
-                Tensor::cat(&[&ent.to_dtype(work)?, &pad], 0)?,
+                Tensor::cat(&[&zero, &lp.to_dtype(work)?], 0)?,
+                Tensor::cat(&[&zero, &ent.to_dtype(work)?], 0)?,
             )
         };
         Ok(TokenStats {
@@ -468,6 +454,17 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         linear(&out, &layer.o, adapter, layer_idx, TargetModule::OProj)
+    }
+}
+
+/// Sampling temperatures must be positive and finite: a greedy (temperature 0) sample has no
+/// distribution to score.
+fn check_temperatures(temperatures: &[f64]) -> Result<()> {
+    match temperatures.iter().find(|x| !(x.is_finite() && **x > 0.0)) {
+        Some(bad) => Err(TrainError::InvalidInput(format!(
+            "temperature {bad} must be a positive finite number"
+        ))),
+        None => Ok(()),
     }
 }
 
