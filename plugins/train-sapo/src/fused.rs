@@ -207,21 +207,6 @@ impl KeyPattern {
         Self::from_rows(batch, len, rows.iter().map(Vec::as_slice))
     }
 
-    /// Query rows `B`.
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-
-    /// Positions per row `T`.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether rows are empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// The keys of query `t` of row `b`.
     pub fn keys(&self, b: usize, t: usize) -> &[u32] {
         let r = b * self.len + t;

@@ -87,7 +87,7 @@ impl PackedSequences {
     }
 
     /// The attention pattern of the packed row: a token attends to itself and its ancestors.
-    pub fn key_pattern(&self) -> Result<KeyPattern> {
+    pub(crate) fn key_pattern(&self) -> Result<KeyPattern> {
         let mut rows: Vec<&[usize]> = vec![&[]; self.len()];
         // A shared token's ancestors are the same in every chain that holds it.
         for chain in &self.chains {
