@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use searchloop_examples::retail::{GeneratorConfig, QuestionKind, Split, generate};
+use searchloop_demo::retail::{GeneratorConfig, QuestionKind, Split, generate};
 
 /// Generate the retail data set: the same seed always writes byte-identical files.
 #[derive(Debug, Parser)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks that Hugging Face peft loads the trainer's PEFT adapters as the trainer means them: the
 # trainer writes an adapter with every factor non-zero and its per-token log-probs
-# (plugins/train-sapo/examples/peft_export.rs), and transformers + peft load the same GGUF and
+# (plugins/llama/examples/peft_export.rs), and transformers + peft load the same GGUF and
 # adapter and must compute the same log-probs (peft_check.py beside it).
 #
 #   scripts/check-peft.sh
@@ -16,4 +16,4 @@ scripts/torch-venv.sh
 model="${SEARCHLOOP_MODEL:-$("$(scripts/built-target.sh bin searchloop)" model fetch)}"
 out="$(mktemp -d)"
 "$(scripts/built-target.sh example peft_export)" "$model" "$out"
-.cache/torch-venv/bin/python plugins/train-sapo/examples/peft_check.py "$model" "$out"
+.cache/torch-venv/bin/python plugins/llama/examples/peft_check.py "$model" "$out"

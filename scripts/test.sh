@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (README, .ci/run): starts PostgreSQL, fetches the default model
-# through the project's own fetcher, builds every target once in the release profile, and runs
-# the Rust tests and the Python binding tests.
+# The project's test command (README, .ci/run): starts PostgreSQL, checks formatting and the
+# dependency invariants, builds every target once in the release profile, runs clippy on every
+# target, fetches the default model through the project's own fetcher, and runs the Rust tests
+# and the Python binding tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,8 +12,16 @@ step "PostgreSQL for the store and inventory tests"
 eval "$(scripts/postgres.sh start)"
 export SEARCHLOOP_PG_URL
 
+step "Formatting and the dependency invariants (ARCHITECTURE.md)"
+cargo fmt --all --check
+scripts/check-invariants.sh
+
 step "Build (release profile, every target: libraries, binaries, tests, examples, benchmarks)"
 cargo build --release --workspace --all-targets --locked
+
+step "Lints: clippy on every target, warnings are errors"
+# The release profile shares build scripts and proc-macros with the build above.
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
 
 step "Default model"
 # Every test finds the model here, whatever cache directory the machine's environment names.
@@ -27,6 +36,3 @@ if [ -x scripts/test-python.sh ]; then
     step "Python binding tests"
     scripts/test-python.sh
 fi
-
-step "Formatting"
-cargo fmt --all --check

@@ -16,16 +16,19 @@
 pub mod agent;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod device;
 pub mod error;
 pub mod policy;
 pub mod protocol;
 pub mod reward;
+pub mod sampling;
 pub mod scripted;
 pub mod sink;
 pub mod tool;
 pub mod trajectory;
 
 pub use agent::{Agent, AgentConfig, EpisodeRequest, EpisodeRewardWeights};
+pub use device::Device;
 pub use error::{Error, Result};
 pub use policy::{ChatMessage, FinishReason, Policy, PolicySlot, Role, Sample, SamplingParams};
 pub use protocol::{Action, ProtocolConfig};

@@ -2,7 +2,7 @@
 //! the same `cargo test` invocation built.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output},
 };
 
@@ -29,7 +29,15 @@ pub fn searchloop_binary() -> PathBuf {
 
 /// Runs `searchloop` with `args` and extra environment variables, and returns its output.
 pub fn run_searchloop(args: &[&str], env: &[(&str, &str)]) -> Output {
+    run_searchloop_in(None, args, env)
+}
+
+/// [`run_searchloop`] in the working folder `dir` (the test's own when `None`).
+pub fn run_searchloop_in(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = Command::new(searchloop_binary());
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
     // The tool finds its model as on a user's machine (the default cache) unless a test says
     // otherwise: the test script's SEARCHLOOP_MODEL would bypass the fetcher under test.
     command.args(args).env_remove("SEARCHLOOP_MODEL");

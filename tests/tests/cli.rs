@@ -2,7 +2,7 @@
 //! recording into the store, the store, ask, index and adapter commands on what the demo
 //! recorded, help for every command, and clear errors for bad paths.
 
-use searchloop_e2e::{run_searchloop, stderr_of, stdout_of};
+use searchloop_e2e::{run_searchloop, run_searchloop_in, stderr_of, stdout_of};
 
 /// A package index nothing listens on: pip fails to connect at once.
 const UNREACHABLE_INDEX: &str = "http://127.0.0.1:9/simple";
@@ -230,6 +230,70 @@ fn every_command_has_help_and_bad_paths_are_one_clear_error() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// A config read through a relative path names its model by a path relative to itself, as the
+/// README shows; and a user's own question file, with free-text kinds and tools, evaluates.
+#[test]
+fn a_relative_model_path_and_a_users_question_file_work() {
+    let work = tempfile::tempdir().unwrap();
+    let workdir = work.path().join("shop");
+    let prepared = run_searchloop(
+        &[
+            "demo",
+            "--workdir",
+            workdir.to_str().unwrap(),
+            "--questions",
+            "0",
+        ],
+        &[],
+    );
+    assert!(prepared.status.success(), "{}", stderr_of(&prepared));
+    let fetch = run_searchloop(&["model", "fetch"], &[]);
+    let model = std::path::PathBuf::from(stdout_of(&fetch).trim());
+    std::fs::create_dir_all(workdir.join("models")).unwrap();
+    std::fs::copy(&model, workdir.join("models/my-model.gguf")).unwrap();
+    let config = std::fs::read_to_string(workdir.join("searchloop.toml")).unwrap();
+    std::fs::write(
+        workdir.join("searchloop.toml"),
+        config.replace("[model]\n", "[model]\npath = \"models/my-model.gguf\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        workdir.join("mine.jsonl"),
+        "{\"id\": \"r1\", \"question\": \"Can I return a sale item?\", \"answers\": [\"yes\"], \"kind\": \"returns policy\", \"tools\": [\"help\"]}\n\
+         {\"question\": \"Which bags are red?\", \"answers\": [\"none\"], \"kind\": \"browsing\"}\n",
+    )
+    .unwrap();
+    // From the config's own folder, through relative paths only.
+    let eval = run_searchloop_in(
+        Some(&workdir),
+        &[
+            "--config",
+            "searchloop.toml",
+            "eval",
+            "--set",
+            "mine.jsonl",
+            "--questions",
+            "2",
+        ],
+        &[],
+    );
+    let (out, err) = (stdout_of(&eval), stderr_of(&eval));
+    assert!(eval.status.success(), "{err}");
+    assert!(out.contains("2 held-out questions"), "{out}");
+    assert!(out.contains("returns policy"), "per-kind results: {out}");
+    // The model really came from the relative path.
+    let moved = workdir.join("models/my-model.gguf");
+    std::fs::rename(&moved, workdir.join("models/elsewhere.gguf")).unwrap();
+    let missing = run_searchloop_in(
+        Some(&workdir),
+        &["--config", "searchloop.toml", "eval", "--set", "mine.jsonl"],
+        &[],
+    );
+    let err = stderr_of(&missing);
+    assert!(!missing.status.success());
+    assert!(err.contains("models/my-model.gguf"), "{err}");
 }
 
 #[test]

@@ -13,9 +13,9 @@ use searchloop_core::{
     Agent, EpisodeRequest, PolicySlot, Split, TaskInfo, ToolRegistry, Trajectory, TrajectorySink,
     scripted::ScriptedPolicy,
 };
+use searchloop_demo::help_center::RunningHelpCenter;
+use searchloop_demo::retail;
 use searchloop_e2e::{run_searchloop, stderr_of};
-use searchloop_examples::help_center::RunningHelpCenter;
-use searchloop_examples::retail;
 use searchloop_runtime::{
     AppConfig,
     service::{build_tools, open_store},

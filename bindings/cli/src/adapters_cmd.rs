@@ -10,11 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Subcommand;
-use searchloop_runtime::{
-    AdapterManager, AppConfig,
-    adapters::{ModelLoader, merged_model_path},
-    service::open_store,
-};
+use searchloop_loop::adapters::merged_model_path;
+use searchloop_runtime::{AdapterManager, AppConfig, ModelLoader, service::open_store};
 use searchloop_store_sql::AdapterRecord;
 
 /// `searchloop adapters …`.

@@ -6,11 +6,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use searchloop_core::Device;
 use searchloop_core::{EpisodeRequest, Split, TaskInfo, Trajectory, reward};
-use searchloop_examples::help_center::RunningHelpCenter;
-use searchloop_examples::retail::{self, GeneratorConfig, Question};
-use searchloop_runtime::{AppConfig, Runtime};
-use searchloop_search_sql::{RETAIL_CONFIG_TOML, seed_retail_inventory};
+use searchloop_demo::help_center::RunningHelpCenter;
+use searchloop_demo::retail::{self, GeneratorConfig, Question};
+use searchloop_demo::{INVENTORY_CONFIG_TOML, seed_retail_inventory};
+use searchloop_runtime::Runtime;
 
 /// Options of `searchloop demo`.
 #[derive(Debug, clap::Args)]
@@ -85,7 +86,7 @@ pub async fn prepare_workdir(workdir: &Path, seed: u64) -> anyhow::Result<PathBu
     }
     let inventory_config = workdir.join("inventory.toml");
     if !inventory_config.is_file() {
-        std::fs::write(&inventory_config, RETAIL_CONFIG_TOML)
+        std::fs::write(&inventory_config, INVENTORY_CONFIG_TOML)
             .with_context(|| format!("cannot write {}", inventory_config.display()))?;
     }
     let config_path = workdir.join("searchloop.toml");
@@ -123,10 +124,10 @@ pub async fn start_help_center(workdir: &Path) -> anyhow::Result<RunningHelpCent
 }
 
 /// Runs the demo.
-pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub async fn run(args: DemoArgs, device: Option<Device>) -> anyhow::Result<()> {
     let config_path = prepare_workdir(&args.workdir, args.seed).await?;
     let _help_center = start_help_center(&args.workdir).await?;
-    let config = AppConfig::load(&config_path)?;
+    let config = crate::load_config(&config_path, device)?;
     let questions = retail::read_questions(&args.workdir.join("data").join("questions.jsonl"))?;
     let sample = heldout_sample(&questions, args.questions);
     eprintln!("loading the model…");

@@ -1,9 +1,13 @@
 //! The `searchloop` command-line tool: the demo, indexing, asking, the store, and the model.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use searchloop_core::Device;
 use searchloop_runtime::{AppConfig, Runtime};
 
 mod adapters_cmd;
@@ -24,8 +28,24 @@ struct Cli {
         default_value = "searchloop-data/searchloop.toml"
     )]
     config: PathBuf,
+    /// Serve (and train) on this device instead of the config's `[model] device`: `cpu` or
+    /// `cuda:N` (which needs a build with the `cuda` feature, see scripts/build-cuda.sh).
+    #[arg(long, global = true, env = "SEARCHLOOP_DEVICE")]
+    device: Option<Device>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// Reads the config at `path`, with the command line's device in place of its own.
+pub fn load_config(path: &Path, device: Option<Device>) -> anyhow::Result<AppConfig> {
+    let mut config = AppConfig::load(path)?;
+    if let Some(device) = device {
+        config.model.device = device;
+        config
+            .validate()
+            .with_context(|| format!("{} with --device {device}", path.display()))?;
+    }
+    Ok(config)
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,14 +120,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = || AppConfig::load(&cli.config);
+    let device = cli.device;
+    let config = || load_config(&cli.config, device);
     match cli.command {
         Command::Model(ModelCommand::Fetch) => {
             let path = searchloop_runtime::default_model::ensure()?;
             println!("{}", path.display());
             Ok(())
         }
-        Command::Demo(args) => tokio_runtime()?.block_on(demo::run(args)),
+        Command::Demo(args) => tokio_runtime()?.block_on(demo::run(args, device)),
         Command::Index { files, rebuild } => index(&config()?, &files, rebuild),
         Command::Ask { question } => tokio_runtime()?.block_on(ask(config()?, &question)),
         Command::Feedback(args) => tokio_runtime()?.block_on(store_cmd::feedback(&config()?, args)),
@@ -115,8 +136,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tokio_runtime()?.block_on(store_cmd::trajectories(&config()?, command))
         }
         Command::Store(command) => tokio_runtime()?.block_on(store_cmd::store(&config()?, command)),
-        Command::Train(args) => tokio_runtime()?.block_on(train_cmd::train(&cli.config, args)),
-        Command::Eval(args) => tokio_runtime()?.block_on(train_cmd::eval(&cli.config, args)),
+        Command::Train(args) => {
+            tokio_runtime()?.block_on(train_cmd::train(&config()?, &cli.config, args))
+        }
+        Command::Eval(args) => {
+            tokio_runtime()?.block_on(train_cmd::eval(&config()?, &cli.config, args))
+        }
         Command::Plot(args) => train_cmd::plot(args),
         Command::Serve(args) => tokio_runtime()?.block_on(serve_cmd::run(config()?, args)),
         Command::Adapters(command) => {

@@ -11,8 +11,8 @@ use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use searchloop_core::{Agent, PolicySlot};
 use searchloop_learn::{
-    GroupSource, MERGED_FILE, RoundConfig, RoundContext, RoundObserver, evaluate_observed,
-    read_eval_items, run_round_observed,
+    EVAL_CONCURRENCY, GroupSource, MERGED_FILE, RoundConfig, RoundContext, RoundObserver,
+    evaluate_observed, read_eval_items, run_round_observed,
 };
 use searchloop_runtime::{AppConfig, Runtime, service};
 use searchloop_store_sql::Store;
@@ -110,15 +110,16 @@ fn config_dir(config_path: &Path) -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// The round settings of the config's `[learn.round]`, or the defaults.
-fn configured_round(config: &AppConfig) -> anyhow::Result<RoundConfig> {
-    match &config.learn {
-        // The section is read through its serialized form, so the CLI takes whatever round
-        // type the runtime's config carries, field by field.
-        Some(learn) => Ok(serde_json::from_value(serde_json::to_value(&learn.round)?)
-            .context("the config's [learn.round] section")?),
-        None => Ok(RoundConfig::default()),
-    }
+/// The round settings of the config's `[learn.round]`, or the defaults, on the trainer's
+/// device (the round's own, else the model's).
+fn configured_round(config: &AppConfig) -> RoundConfig {
+    let mut round = config
+        .learn
+        .as_ref()
+        .map(|learn| learn.round.clone())
+        .unwrap_or_default();
+    round.device = Some(config.trainer_device());
+    round
 }
 
 /// Applies the command-line overrides to `round`.
@@ -200,10 +201,10 @@ impl RoundObserver for RoundBar {
 }
 
 /// `searchloop train --once`.
-pub async fn train(config_path: &Path, args: TrainArgs) -> anyhow::Result<()> {
-    let config = AppConfig::load(config_path)?;
+pub async fn train(config: &AppConfig, config_path: &Path, args: TrainArgs) -> anyhow::Result<()> {
+    let config = config.clone();
     let dir = config_dir(config_path);
-    let mut round = configured_round(&config)?;
+    let mut round = configured_round(&config);
     apply_overrides(&mut round, &args);
     if let Some(q) = &args.questions {
         round.prompts = Some(q.clone());
@@ -282,8 +283,7 @@ pub async fn train(config_path: &Path, args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// `searchloop eval`.
-pub async fn eval(config_path: &Path, args: EvalArgs) -> anyhow::Result<()> {
-    let config = AppConfig::load(config_path)?;
+pub async fn eval(config: &AppConfig, config_path: &Path, args: EvalArgs) -> anyhow::Result<()> {
     let set = match (&args.set, &config.learn) {
         (Some(s), _) => s.clone(),
         (None, Some(learn)) if !learn.eval.set.as_os_str().is_empty() => learn.eval.set.clone(),
@@ -305,7 +305,7 @@ pub async fn eval(config_path: &Path, args: EvalArgs) -> anyhow::Result<()> {
     };
     eprintln!("loading the model…");
     let policy = service::load_policy(&config.model, merged.as_deref(), args.adapter).await?;
-    let tools = Arc::new(service::build_tools(&config).await?);
+    let tools = Arc::new(service::build_tools(config).await?);
     // No sink: evaluation episodes are not training data.
     let agent = Agent::new(
         Arc::new(PolicySlot::new(policy)),
@@ -316,7 +316,10 @@ pub async fn eval(config_path: &Path, args: EvalArgs) -> anyhow::Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "evaluating [{elapsed_precise}] {bar:30} {pos}/{len}",
     )?);
-    let report = evaluate_observed(&agent, &items, args.seed, &|_, _| bar.inc(1)).await;
+    let report = evaluate_observed(&agent, &items, args.seed, EVAL_CONCURRENCY, &|_, _| {
+        bar.inc(1)
+    })
+    .await;
     bar.finish_and_clear();
     let report = report?;
     let model = match args.adapter {
@@ -332,12 +335,26 @@ pub async fn eval(config_path: &Path, args: EvalArgs) -> anyhow::Result<()> {
         set.display(),
         args.seed
     );
+    if let Some(right) = report.right_tools {
+        println!("  right tools called: {right:.3}");
+    }
+    for (kind, k) in &report.by_kind {
+        let kind = if kind.is_empty() { "(no kind)" } else { kind };
+        let tools = k
+            .right_tools
+            .map(|r| format!("  right tools {r:.3}"))
+            .unwrap_or_default();
+        println!(
+            "  {kind}: EM {:.3}  F1 {:.3}  ({} questions){tools}",
+            k.em, k.f1, k.n
+        );
+    }
     Ok(())
 }
 
 /// `searchloop plot`.
 pub fn plot(args: PlotArgs) -> anyhow::Result<()> {
-    let curves = searchloop_learn::plot::plot_metrics(&args.metrics, &args.out)?;
+    let curves = searchloop_demo::plot::plot_metrics(&args.metrics, &args.out)?;
     println!(
         "{} optimizer steps from {} file(s) drawn to {}",
         curves.steps(),

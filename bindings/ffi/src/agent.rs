@@ -314,7 +314,7 @@ impl PolicyLoader for ScriptedLoader {
         &self,
         _merged: Option<&Path>,
         version: Option<u64>,
-    ) -> searchloop_runtime::Result<Arc<dyn Policy>> {
+    ) -> searchloop_loop::Result<Arc<dyn Policy>> {
         Ok(Arc::new(
             scripted_policy(self.0.clone()).with_adapter_version(version),
         ))

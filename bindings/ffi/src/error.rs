@@ -5,6 +5,7 @@
 //! direction needs its own (non-flat) type; it never reaches the host again, because a failing
 //! host tool becomes an observation for the model, not an error of `ask`.
 
+use searchloop_loop::LoopError;
 use searchloop_runtime::RuntimeError;
 use searchloop_store_sql::StoreError;
 
@@ -76,11 +77,13 @@ impl From<RuntimeError> for SearchloopError {
             RuntimeError::Tool { .. } => Self::Tool(message),
             RuntimeError::Store(store) => store.into(),
             RuntimeError::Core(_) => Self::Episode(message),
-            RuntimeError::UnknownAdapter(_) | RuntimeError::Adapter(_) => Self::Adapter(message),
-            RuntimeError::RoundBusy
-            | RuntimeError::RoundCancelled
-            | RuntimeError::MemoryCap { .. }
-            | RuntimeError::Learn(_) => Self::Learning(message),
+            RuntimeError::Loop(LoopError::UnknownAdapter(_) | LoopError::Adapter(_)) => {
+                Self::Adapter(message)
+            }
+            RuntimeError::Loop(LoopError::Config(_)) => Self::Config(message),
+            RuntimeError::Loop(LoopError::Store(store)) => store.into(),
+            RuntimeError::Loop(LoopError::Load(_)) => Self::Model(message),
+            RuntimeError::Loop(_) => Self::Learning(message),
             // The runtime's error is non-exhaustive; a kind added later still keeps its message.
             _ => Self::Internal(message),
         }

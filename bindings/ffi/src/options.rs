@@ -22,6 +22,10 @@ pub struct AgentOptions {
     /// A GGUF model file; absent means the config's, or the embedded default model.
     #[uniffi(default = None)]
     pub model_path: Option<String>,
+    /// Where the model serves and trains: `"cpu"` or `"cuda:N"` (which needs a library built
+    /// with the `cuda` feature); absent means the config's, or the CPU.
+    #[uniffi(default = None)]
+    pub device: Option<String>,
     /// Product catalogs to search, added after the config's tools.
     #[uniffi(default = [])]
     pub catalogs: Vec<CatalogOptions>,
@@ -94,6 +98,11 @@ impl AgentOptions {
         };
         if let Some(path) = &self.model_path {
             config.model.path = Some(PathBuf::from(path));
+        }
+        if let Some(device) = &self.device {
+            config.model.device = device
+                .parse()
+                .map_err(|e: searchloop_core::Error| SearchloopError::Config(e.to_string()))?;
         }
         for catalog in &self.catalogs {
             config.tools.push(ToolSection::Catalog(CatalogSection {
@@ -182,9 +191,11 @@ mod tests {
             top_k: Some(40),
             max_turns: Some(2),
             tool_timeout_ms: Some(500),
+            device: Some("cpu".into()),
             ..AgentOptions::default()
         };
         let config = options.app_config().unwrap();
+        assert_eq!(config.model.device, searchloop_core::Device::Cpu);
         let cwd = std::env::current_dir().unwrap();
         let [
             ToolSection::Catalog(first),
@@ -205,6 +216,17 @@ mod tests {
         assert_eq!(config.agent.sampling.top_k, 40);
         assert_eq!(config.agent.protocol.max_turns, 2);
         assert_eq!(config.tool_limits.timeout_ms, 500);
+    }
+
+    #[test]
+    fn a_bad_device_is_a_config_error() {
+        let options = AgentOptions {
+            device: Some("gpu0".into()),
+            ..AgentOptions::default()
+        };
+        let err = options.app_config().unwrap_err();
+        assert!(matches!(err, SearchloopError::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("not a device"), "{err}");
     }
 
     #[test]

@@ -309,10 +309,8 @@ pub struct RoundSummary {
 impl From<searchloop_runtime::RoundReport> for RoundSummary {
     fn from(r: searchloop_runtime::RoundReport) -> Self {
         let (promoted, rejection_reason) = match &r.verdict {
-            searchloop_runtime::gate::GateVerdict::Promote => (true, None),
-            searchloop_runtime::gate::GateVerdict::Reject { reason } => {
-                (false, Some(reason.clone()))
-            }
+            searchloop_loop::GateVerdict::Promote => (true, None),
+            searchloop_loop::GateVerdict::Reject { reason } => (false, Some(reason.clone())),
         };
         Self {
             candidate: r.candidate,

@@ -38,12 +38,11 @@ use std::{
 };
 
 use common::Workspace;
-use searchloop_examples::retail::{self, Split};
-use searchloop_learn::{
-    GroupSource,
-    plot::{Panel, Series, draw_panels},
-};
-use searchloop_runtime::{RoundReport, Runtime, gate::GateVerdict};
+use searchloop_demo::plot::{Panel, Series, draw_panels};
+use searchloop_demo::retail::{self, Split};
+use searchloop_learn::GroupSource;
+use searchloop_loop::GateVerdict;
+use searchloop_runtime::{RoundReport, Runtime};
 use searchloop_store_sql::FeedbackInput;
 use serde::{Deserialize, Serialize};
 

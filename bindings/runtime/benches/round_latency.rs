@@ -19,7 +19,7 @@ use std::{
 };
 
 use common::Workspace;
-use searchloop_examples::retail::Split;
+use searchloop_demo::retail::Split;
 use searchloop_learn::GroupSource;
 use searchloop_runtime::Runtime;
 

@@ -9,12 +9,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use searchloop_core::{AgentConfig, RewardPolicy, ToolLimits};
+use searchloop_core::{AgentConfig, Device, RewardPolicy, ToolLimits};
 use searchloop_store_sql::{SqliteSync, StoreOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
-use crate::scheduler::SchedulerConfig;
+use searchloop_loop::{LoopError, SchedulerConfig};
 
 /// The whole application config.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,10 @@ pub struct AppConfig {
 pub struct ModelSection {
     /// A GGUF file; absent means the embedded default model (fetched and cached on first use).
     pub path: Option<PathBuf>,
+    /// Where the model serves: `"cpu"` (the default) or `"cuda:N"`, which needs a build with
+    /// the `cuda` feature. Training rounds run there too unless `[learn.round] device` says
+    /// otherwise.
+    pub device: Device,
     /// In-memory encoding of the weights: `f32` (the default), `original`, `q8_0` or `q4_0`.
     pub weights: searchloop_model_mistralrs::WeightsEncoding,
     /// Most sequences decoded at once.
@@ -59,6 +63,7 @@ impl Default for ModelSection {
         let engine = searchloop_model_mistralrs::MistralRsConfig::new(PathBuf::new());
         Self {
             path: None,
+            device: Device::Cpu,
             // An episode is mostly prompt processing (the system prompt, then the whole context
             // again after each observation), and candle's quantized prompt path is a loop of
             // row products: f32 weights run a whole retail episode about 1.7x faster than Q8_0
@@ -85,7 +90,8 @@ pub enum ToolSection {
 }
 
 /// A tool whose plugin reads its own config file (the SQL and HTTP plugins' formats are
-/// documented with them; see `plugins/search-sql/configs/` and `plugins/search-http/configs/`).
+/// documented with them; see the demo's `bindings/demo/configs/inventory.toml` and
+/// `plugins/search-http/configs/`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolFile {
@@ -164,7 +170,27 @@ impl StoreSection {
     }
 }
 
+/// Refuses a GPU in a build that cannot use one: the error says how to get a build that can,
+/// and nothing falls back to the CPU in its place.
+pub fn check_device(key: &str, device: Device) -> Result<()> {
+    if device.is_gpu() && !cfg!(feature = "cuda") {
+        return Err(RuntimeError::Config(format!(
+            "{key} = \"{device}\" needs searchloop built with its `cuda` feature \
+             (scripts/build-cuda.sh builds one); this build runs on the CPU only"
+        )));
+    }
+    Ok(())
+}
+
 impl AppConfig {
+    /// The device training rounds run on: `[learn.round] device`, else the model's.
+    pub fn trainer_device(&self) -> Device {
+        self.learn
+            .as_ref()
+            .and_then(|l| l.round.device)
+            .unwrap_or(self.model.device)
+    }
+
     /// Reads a TOML (or, by extension, JSON) config file and resolves its relative paths
     /// against the file's folder.
     pub fn load(path: &Path) -> Result<Self> {
@@ -179,7 +205,15 @@ impl AppConfig {
             toml::from_str(&text)
                 .map_err(|e| RuntimeError::Config(format!("{}: {e}", path.display())))?
         };
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative paths are the config file's, wherever the process runs: the file's own
+        // path is made absolute first, since a bare file name has an empty parent.
+        let absolute = std::path::absolute(path).map_err(|e| {
+            RuntimeError::io(
+                format!("cannot resolve the config path {}", path.display()),
+                e,
+            )
+        })?;
+        let base = absolute.parent().unwrap_or(Path::new("/"));
         config.resolve_paths(base);
         // Name the file once in front of the validation's own message.
         config.validate().map_err(|e| match e {
@@ -266,8 +300,16 @@ impl AppConfig {
                 "store.reward_weights.{source} must be finite, got {w}"
             )));
         }
+        check_device("model.device", self.model.device)?;
+        if let Some(device) = self.learn.as_ref().and_then(|l| l.round.device) {
+            check_device("learn.round.device", device)?;
+        }
         if let Some(learn) = &self.learn {
-            learn.validate()?;
+            // A bad section is a bad config like any other, so it reads as one.
+            learn.validate().map_err(|e| match e {
+                LoopError::Config(message) => RuntimeError::Config(message),
+                other => other.into(),
+            })?;
         }
         Ok(())
     }
@@ -302,6 +344,117 @@ mod tests {
         let copy = dir.path().join("copy.toml");
         config.save(&copy).unwrap();
         assert_eq!(AppConfig::load(&copy).unwrap(), config);
+    }
+
+    #[test]
+    fn every_path_key_is_taken_relative_to_the_config_file() {
+        // A folder under the working directory, named by a relative path: the way a user
+        // passes `--config searchloop-data/searchloop.toml`.
+        let cwd = std::env::current_dir().unwrap();
+        let dir = tempfile::tempdir_in(&cwd).unwrap();
+        let relative_dir = dir.path().strip_prefix(&cwd).unwrap().to_path_buf();
+        let file = relative_dir.join("searchloop.toml");
+        std::fs::write(
+            dir.path().join("searchloop.toml"),
+            r#"
+[model]
+path = "models/my-model.gguf"
+
+[[tools]]
+kind = "catalog"
+index = "index"
+products = ["data/catalog.jsonl", "/elsewhere/more.csv"]
+
+[[tools]]
+kind = "sql"
+file = "inventory.toml"
+
+[[tools]]
+kind = "http"
+file = "../shared/help.toml"
+
+[store]
+url = "store/searchloop.db"
+
+[learn]
+adapters_dir = "adapters"
+[learn.eval]
+set = "data/questions.jsonl"
+[learn.round]
+prompts = "data/train.jsonl"
+"#,
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::write(
+            dir.path().join("data/questions.jsonl"),
+            "{\"question\":\"q\",\"answers\":[\"a\"]}\n",
+        )
+        .unwrap();
+        assert!(file.is_relative());
+        let config = AppConfig::load(&file).unwrap();
+        let base = dir.path();
+        assert_eq!(config.model.path, Some(base.join("models/my-model.gguf")));
+        let ToolSection::Catalog(catalog) = &config.tools[0] else {
+            panic!("the first tool is the catalog");
+        };
+        assert_eq!(catalog.index, base.join("index"));
+        assert_eq!(
+            catalog.products,
+            [
+                base.join("data/catalog.jsonl"),
+                PathBuf::from("/elsewhere/more.csv")
+            ]
+        );
+        let (ToolSection::Sql(sql), ToolSection::Http(http)) = (&config.tools[1], &config.tools[2])
+        else {
+            panic!("then the SQL and HTTP tools");
+        };
+        assert_eq!(sql.file, base.join("inventory.toml"));
+        assert_eq!(http.file, base.join("../shared/help.toml"));
+        assert_eq!(
+            PathBuf::from(&config.store.url),
+            base.join("store/searchloop.db")
+        );
+        let learn = config.learn.as_ref().unwrap();
+        assert_eq!(learn.adapters_dir, base.join("adapters"));
+        assert_eq!(learn.eval.set, base.join("data/questions.jsonl"));
+        assert_eq!(learn.round.prompts, Some(base.join("data/train.jsonl")));
+    }
+
+    #[test]
+    fn the_device_is_parsed_and_a_gpu_needs_the_cuda_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |model: &str, round: &str| {
+            let path = dir.path().join("device.toml");
+            std::fs::write(
+                &path,
+                format!("[model]\n{model}\n[[tools]]\nkind = \"catalog\"\nindex = \"x\"\n{round}"),
+            )
+            .unwrap();
+            AppConfig::load(&path)
+        };
+        let config = load("device = \"cpu\"", "").unwrap();
+        assert_eq!(config.model.device, Device::Cpu);
+        assert_eq!(config.trainer_device(), Device::Cpu);
+        assert_eq!(load("", "").unwrap().model.device, Device::Cpu);
+        let err = load("device = \"gpu\"", "").unwrap_err().to_string();
+        assert!(err.contains("not a device"), "{err}");
+        let on_gpu = load("device = \"cuda:1\"", "");
+        let round_on_gpu = load("", "[learn.round]\ndevice = \"cuda\"");
+        if cfg!(feature = "cuda") {
+            assert_eq!(on_gpu.unwrap().trainer_device(), Device::Cuda(1));
+        } else {
+            for (result, key) in [
+                (on_gpu, "model.device"),
+                (round_on_gpu, "learn.round.device"),
+            ] {
+                let err = result.unwrap_err().to_string();
+                assert!(err.contains(key), "{err}");
+                assert!(err.contains("`cuda` feature"), "{err}");
+                assert!(err.contains("scripts/build-cuda.sh"), "{err}");
+            }
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The error type of searchloop-runtime: configuration, fetching, and the plugins' errors.
+//! The error type of searchloop-runtime: configuration, fetching, and the plugins' and the
+//! learning loop's errors.
 
 use thiserror::Error;
 
@@ -38,32 +39,9 @@ pub enum RuntimeError {
     /// The core (agent loop, policy) failed.
     #[error(transparent)]
     Core(#[from] searchloop_core::Error),
-    /// No adapter of this version is registered.
-    #[error("adapter registry: there is no adapter v{0}")]
-    UnknownAdapter(u64),
-    /// An adapter cannot be promoted, rolled back to or served; the message names it.
-    #[error("adapter registry: {0}")]
-    Adapter(String),
-    /// A training round is already running; rounds run one at a time.
-    #[error("a training round is already running")]
-    RoundBusy,
-    /// The training round was cancelled.
-    #[error("the training round was cancelled")]
-    RoundCancelled,
-    /// The training round was stopped because the process outgrew its memory cap.
-    #[error(
-        "the training round was stopped: the process used {resident_mb} MiB, over the cap of \
-         {cap_mb} MiB (learn.memory_cap_mb)"
-    )]
-    MemoryCap {
-        /// Resident memory when the round was stopped.
-        resident_mb: u64,
-        /// The configured cap.
-        cap_mb: u64,
-    },
-    /// A training round or an evaluation failed.
-    #[error("training round: {0}")]
-    Learn(#[from] searchloop_learn::LearnError),
+    /// The learning loop (rounds, the gate, promotion and rollback) failed or refused.
+    #[error(transparent)]
+    Loop(#[from] searchloop_loop::LoopError),
 }
 
 impl RuntimeError {

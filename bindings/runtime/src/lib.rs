@@ -1,19 +1,16 @@
 //! searchloop-runtime: the wiring every searchloop front end shares (the CLI, the HTTP server,
-//! the FFI bindings): the default model, the application config, and building an agent from it.
+//! the FFI bindings): the default model, the application config, opening the tools, building
+//! the served policy, and the [`Runtime`] façade over the agent, the store and the learning
+//! loop (`searchloop-loop`).
 
-pub mod adapters;
 pub mod config;
 pub mod default_model;
 pub mod error;
-pub mod gate;
-pub mod metrics;
-pub mod monitor;
-pub mod scheduler;
 pub mod service;
 
-pub use adapters::{AdapterManager, PolicyLoader, SwapReport};
 pub use config::AppConfig;
 pub use error::{Result, RuntimeError};
-pub use metrics::LoopMetrics;
-pub use scheduler::{RoundReport, SchedulerConfig};
-pub use service::Runtime;
+pub use searchloop_loop::{
+    AdapterManager, LoopMetrics, PolicyLoader, RoundReport, SchedulerConfig, SwapReport,
+};
+pub use service::{ModelLoader, Runtime};

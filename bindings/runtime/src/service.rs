@@ -6,8 +6,13 @@ use std::{
     sync::Arc,
 };
 
+use async_trait::async_trait;
 use searchloop_core::{
-    Agent, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
+    Agent, Device, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
+};
+use searchloop_loop::{
+    AdapterManager, LearningLoop, LoopError, LoopMetrics, PolicyLoader, RoundReport,
+    SchedulerConfig, SwapReport, load_promoted, scheduler::RoundRunner,
 };
 use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy};
 use searchloop_search_http::{HttpSearchConfig, HttpSearchTool};
@@ -15,12 +20,8 @@ use searchloop_search_sql::{InventoryConfig, InventoryTool};
 use searchloop_search_tantivy::{
     CatalogIndex, CatalogSearchTool, CatalogSource, CatalogToolConfig, IndexReport, Progress,
 };
-use searchloop_store_sql::Store;
+use searchloop_store_sql::{AdapterRecord, Store};
 
-use crate::{
-    adapters::{AdapterManager, ModelLoader, PolicyLoader, load_promoted},
-    scheduler::Learning,
-};
 use crate::{
     config::{AppConfig, CatalogSection, ModelSection, ToolSection},
     default_model,
@@ -30,12 +31,12 @@ use crate::{
 /// A started searchloop application.
 pub struct Runtime {
     config: AppConfig,
-    pub(crate) agent: Arc<Agent>,
+    agent: Arc<Agent>,
     store: Arc<Store>,
     /// Promotion, rollback and registry follow-up of the served adapter.
-    pub(crate) adapters: Arc<AdapterManager>,
-    /// Training rounds and the scheduler (see `scheduler.rs`).
-    pub(crate) learning: Learning,
+    adapters: Arc<AdapterManager>,
+    /// Training rounds, their gate, and the scheduler.
+    learning: LearningLoop,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -66,11 +67,16 @@ impl Runtime {
     /// Like [`Runtime::start_with_tools`], with every model (the one served first, and those
     /// promotions and rollbacks swap in) built by `loader`.
     pub async fn start_with(
-        config: AppConfig,
+        mut config: AppConfig,
         extra: Vec<Arc<dyn DynTool>>,
         loader: Arc<dyn PolicyLoader>,
     ) -> Result<Self> {
         config.validate()?;
+        // Rounds train where the model serves unless the round names its own device.
+        let trainer_device = config.trainer_device();
+        if let Some(learn) = config.learn.as_mut() {
+            learn.round.device = Some(trainer_device);
+        }
         let store = Arc::new(open_store(&config).await?);
         let tools = Arc::new(build_registry(&config, extra).await?);
         let policy = load_promoted(&store, loader.as_ref()).await?;
@@ -78,13 +84,18 @@ impl Runtime {
         let agent = Arc::new(
             Agent::new(slot.clone(), tools, config.agent.clone())?.with_sink(store.clone()),
         );
-        let adapters = Arc::new(AdapterManager::serving(
-            store.clone(),
-            loader,
-            slot,
-            Arc::default(),
-        ));
-        let learning = Learning::new(agent.clone(), adapters.clone(), &config);
+        let adapters = Arc::new(AdapterManager::serving(store.clone(), loader, slot));
+        let base_path = config.model.path.clone();
+        let base_model: searchloop_loop::BaseModel = Arc::new(move || match &base_path {
+            Some(path) => Ok(path.clone()),
+            None => default_model::ensure().map_err(|e| LoopError::Load(Box::new(e))),
+        });
+        let learning = LearningLoop::new(
+            agent.clone(),
+            adapters.clone(),
+            base_model,
+            config.learn.clone(),
+        );
         Ok(Self {
             config,
             agent,
@@ -121,6 +132,106 @@ impl Runtime {
         }
         Ok(self.agent.run(request).await?)
     }
+
+    /// Every registered adapter, oldest first.
+    pub async fn adapters(&self) -> Result<Vec<AdapterRecord>> {
+        Ok(self.adapters.list().await?)
+    }
+
+    /// Promotes adapter `version` and serves it (see [`AdapterManager::promote`]).
+    pub async fn promote(&self, version: u64) -> Result<SwapReport> {
+        Ok(self.adapters.promote(version).await?)
+    }
+
+    /// Rolls back to `to`, or to the previously promoted adapter (see
+    /// [`AdapterManager::rollback`]).
+    pub async fn rollback(&self, to: Option<u64>) -> Result<SwapReport> {
+        Ok(self.adapters.rollback(to, "manual rollback").await?)
+    }
+
+    /// Serves the registry's promoted adapter if another process changed it.
+    pub async fn sync_adapters(&self) -> Result<Option<SwapReport>> {
+        Ok(self.adapters.sync().await?)
+    }
+
+    /// The adapter manager, for hosts that need reasons or their own loaders.
+    pub fn adapter_manager(&self) -> &Arc<AdapterManager> {
+        &self.adapters
+    }
+
+    /// The learning loop: rounds, the gate, the scheduler, their counters.
+    pub fn learning(&self) -> &LearningLoop {
+        &self.learning
+    }
+
+    /// Runs one training round now, with its gate (see [`LearningLoop::train_now`]).
+    pub async fn train_now(&self) -> Result<RoundReport> {
+        Ok(self.learning.train_now().await?)
+    }
+
+    /// Starts the scheduler with `config` (see [`LearningLoop::attach_scheduler`]).
+    /// A round without a device of its own trains where the model serves.
+    pub async fn attach_scheduler(&self, mut config: SchedulerConfig) -> Result<()> {
+        let device = *config.round.device.get_or_insert(self.config.model.device);
+        crate::config::check_device("learn.round.device", device)?;
+        Ok(self.learning.attach_scheduler(config).await?)
+    }
+
+    /// Stops the scheduler and its running round, and waits for it to end.
+    pub async fn detach_scheduler(&self) {
+        self.learning.detach_scheduler().await;
+    }
+
+    /// Whether rounds can run: the config has a `[learn]` section, or a scheduler is attached.
+    pub fn learning_configured(&self) -> bool {
+        self.learning.configured()
+    }
+
+    /// Whether a scheduler is attached.
+    pub fn scheduler_attached(&self) -> bool {
+        self.learning.scheduler_attached()
+    }
+
+    /// Cancels the running round, if any; returns whether one was running.
+    pub fn cancel_round(&self) -> bool {
+        self.learning.cancel_round()
+    }
+
+    /// Replaces the round runner (searchloop-learn's by default).
+    pub fn set_round_runner(&self, runner: Arc<dyn RoundRunner>) {
+        self.learning.set_round_runner(runner);
+    }
+
+    /// The learning loop's counters.
+    pub fn loop_metrics(&self) -> LoopMetrics {
+        self.learning.metrics()
+    }
+}
+
+/// The runtime's loader: the serving engine with the `[model]` section's settings.
+#[derive(Debug, Clone)]
+pub struct ModelLoader {
+    section: ModelSection,
+}
+
+impl ModelLoader {
+    /// A loader serving with `section`'s settings.
+    pub fn new(section: ModelSection) -> Self {
+        Self { section }
+    }
+}
+
+#[async_trait]
+impl PolicyLoader for ModelLoader {
+    async fn load(
+        &self,
+        merged: Option<&Path>,
+        version: Option<u64>,
+    ) -> searchloop_loop::Result<Arc<dyn Policy>> {
+        load_policy(&self.section, merged, version)
+            .await
+            .map_err(|e| LoopError::Load(Box::new(e)))
+    }
 }
 
 /// Opens (creating if needed) the store the config names.
@@ -142,6 +253,10 @@ pub async fn load_policy(
     };
     let mut engine = MistralRsConfig::new(path);
     engine.adapter_version = version;
+    engine.cuda_device = match section.device {
+        Device::Cpu => None,
+        Device::Cuda(ordinal) => Some(ordinal),
+    };
     engine.weights = section.weights;
     engine.max_concurrent_sequences = section.max_concurrent_sequences;
     engine.context_length = section.context_length;

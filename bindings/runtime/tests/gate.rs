@@ -10,12 +10,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{Craft, CraftedRound, Workspace};
-use searchloop_examples::retail::Split;
-use searchloop_runtime::{
-    Runtime,
-    gate::{GateMetric, GateVerdict},
-    scheduler::RoundTrigger,
-};
+use searchloop_demo::retail::Split;
+use searchloop_loop::{GateMetric, GateVerdict, scheduler::RoundTrigger};
+use searchloop_runtime::Runtime;
 use searchloop_store_sql::AdapterStatus;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -83,7 +80,7 @@ async fn the_gate_promotes_a_good_candidate_and_rejects_a_damaged_one() {
     assert!(reason.contains("worse"), "{reason}");
     assert_eq!(bad.incumbent, Some(1));
     // v1's own gate evaluation is reused: same questions, seed and agent settings.
-    assert_eq!(bad.incumbent_eval, Some(candidate));
+    assert_eq!(bad.incumbent_eval, Some(candidate.clone()));
     assert!(bad.candidate_eval.unwrap().mean_reward < candidate.mean_reward - 0.05);
     assert!(bad.swap.is_none());
     assert_eq!(

@@ -14,8 +14,9 @@ use std::{
 };
 
 use common::{Craft, CraftedRound, ScriptedLoader, Workspace, step};
-use searchloop_examples::retail::Split;
-use searchloop_runtime::{AppConfig, LoopMetrics, Runtime, RuntimeError, gate::GateVerdict};
+use searchloop_demo::retail::Split;
+use searchloop_loop::{GateVerdict, LoopError};
+use searchloop_runtime::{AppConfig, LoopMetrics, Runtime, RuntimeError};
 use searchloop_store_sql::AdapterStatus;
 
 /// Polls `metrics` until `done` holds, failing after `timeout`.
@@ -193,14 +194,14 @@ async fn rounds_run_one_at_a_time_and_a_cancelled_one_leaves_no_trace() {
     wait_for(&runtime, Duration::from_secs(5), |m| m.round_running).await;
     assert!(matches!(
         runtime.train_now().await,
-        Err(RuntimeError::RoundBusy)
+        Err(RuntimeError::Loop(LoopError::RoundBusy))
     ));
     // Serving keeps answering while the round runs.
     runtime.ask(&ws.questions[0].question).await.unwrap();
     assert!(runtime.cancel_round());
     assert!(matches!(
         first.await.unwrap(),
-        Err(RuntimeError::RoundCancelled)
+        Err(RuntimeError::Loop(LoopError::RoundCancelled))
     ));
     assert!(runtime.store().list_adapters().await.unwrap().is_empty());
     let metrics = runtime.loop_metrics();
@@ -243,7 +244,10 @@ async fn a_round_that_outgrows_the_memory_cap_is_stopped() {
         .await
         .expect("the cap stops the round")
         .unwrap_err();
-    assert!(matches!(err, RuntimeError::MemoryCap { .. }), "{err}");
+    assert!(
+        matches!(err, RuntimeError::Loop(LoopError::MemoryCap { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("memory_cap_mb"), "{err}");
     assert!(runtime.store().list_adapters().await.unwrap().is_empty());
     assert_eq!(runtime.loop_metrics().rounds_failed, 1);

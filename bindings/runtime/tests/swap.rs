@@ -21,7 +21,7 @@ use common::{
     write_stub_candidate,
 };
 use searchloop_core::{SamplingParams, Tool, ToolError};
-use searchloop_examples::retail::Split;
+use searchloop_demo::retail::Split;
 use searchloop_runtime::{Runtime, SwapReport};
 use searchloop_store_sql::AdapterStatus;
 

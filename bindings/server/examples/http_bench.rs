@@ -228,7 +228,7 @@ async fn scripted(s: &Settings) -> anyhow::Result<()> {
 }
 
 async fn model(s: &Settings) -> anyhow::Result<()> {
-    use searchloop_examples::retail::{QuestionKind, Split};
+    use searchloop_demo::retail::{QuestionKind, Split};
     let dir = tempfile::tempdir()?;
     let (config, dataset) = support::retail_config(dir.path());
     let runtime = Arc::new(searchloop_runtime::Runtime::start(config).await?);

@@ -9,6 +9,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use searchloop_core::{EpisodeEnd, SamplingParams, ToolCallRecord};
+use searchloop_loop::LoopError;
 use searchloop_runtime::{RoundReport, RuntimeError};
 use searchloop_store_sql::{AdapterRecord, FeedbackOutcome, StoreError};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -256,15 +257,19 @@ impl ApiError {
     /// A failure of the learning loop or the adapter registry, by kind.
     pub fn from_runtime(error: RuntimeError) -> Self {
         match error {
-            RuntimeError::UnknownAdapter(_) => {
+            RuntimeError::Loop(LoopError::UnknownAdapter(_)) => {
                 Self::new(StatusCode::NOT_FOUND, "unknown_adapter", error.to_string())
             }
-            RuntimeError::Adapter(_) => {
+            RuntimeError::Loop(LoopError::Adapter(_)) => {
                 Self::new(StatusCode::CONFLICT, "adapter_refused", error.to_string())
             }
-            RuntimeError::RoundBusy => Self::round_busy(),
-            RuntimeError::Config(_) => Self::learning_unavailable(error.to_string()),
-            RuntimeError::Store(store) => Self::from_store(store),
+            RuntimeError::Loop(LoopError::RoundBusy) => Self::round_busy(),
+            RuntimeError::Config(_) | RuntimeError::Loop(LoopError::Config(_)) => {
+                Self::learning_unavailable(error.to_string())
+            }
+            RuntimeError::Store(store) | RuntimeError::Loop(LoopError::Store(store)) => {
+                Self::from_store(store)
+            }
             other => Self::internal("learning_failed", other.to_string()),
         }
     }

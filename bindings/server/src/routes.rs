@@ -7,7 +7,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     extract::{DefaultBodyLimit, MatchedPath, Path, Request, State, rejection::PathRejection},
     http::{Method, StatusCode, Uri, header},
     middleware::{self, Next},
@@ -68,9 +68,10 @@ pub fn router(state: AppState, config: &ServerConfig) -> Router {
 /// `POST /v1/ask`: runs one episode and returns its answer and trajectory id.
 async fn ask(
     State(state): State<AppState>,
+    Extension(arrival): Extension<Arrival>,
     JsonBody(request): JsonBody<AskRequest>,
 ) -> Result<Json<AskResponse>, ApiError> {
-    if state.is_shutting_down() {
+    if arrival.during_shutdown {
         return Err(ApiError::shutting_down(
             "the server is shutting down and takes no new questions",
         ));
@@ -379,9 +380,26 @@ async fn limit_time(State(limit): State<TimeLimit>, request: Request, next: Next
     }
 }
 
+/// When a request arrived, relative to the start of shutdown.
+#[derive(Debug, Clone, Copy)]
+struct Arrival {
+    during_shutdown: bool,
+}
+
+impl Arrival {
+    fn new(during_shutdown: bool) -> Self {
+        Self { during_shutdown }
+    }
+}
+
 /// Counts a request in the metrics when it ends, or as status 499 (nginx's "client closed
 /// request") when the client hangs up first and its future is dropped.
-async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn track(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    // Whether shutdown had begun when the request arrived: a request counted in flight before
+    // that is served to the end, however long its body takes to read.
+    request
+        .extensions_mut()
+        .insert(Arrival::new(state.is_shutting_down()));
     let route = request
         .extensions()
         .get::<MatchedPath>()

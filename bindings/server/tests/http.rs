@@ -847,7 +847,7 @@ async fn bounded_load_32_clients_200_requests_each() {
 /// HTTP, store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_model_answers_over_http() {
-    use searchloop_examples::retail::QuestionKind;
+    use searchloop_demo::retail::QuestionKind;
     use searchloop_runtime::Runtime;
 
     let dir = tempfile::tempdir().unwrap();
@@ -905,7 +905,7 @@ impl searchloop_runtime::PolicyLoader for ScriptedLoader {
         &self,
         _merged: Option<&std::path::Path>,
         version: Option<u64>,
-    ) -> searchloop_runtime::Result<Arc<dyn searchloop_core::Policy>> {
+    ) -> searchloop_loop::Result<Arc<dyn searchloop_core::Policy>> {
         Ok(Arc::new(
             searchloop_core::scripted::ScriptedPolicy::new(support::script)
                 .with_adapter_version(version),
@@ -919,14 +919,14 @@ struct HeldRound {
 }
 
 #[async_trait::async_trait]
-impl searchloop_runtime::scheduler::RoundRunner for HeldRound {
+impl searchloop_loop::RoundRunner for HeldRound {
     async fn run(
         &self,
-        _job: &searchloop_runtime::scheduler::RoundJob,
-    ) -> searchloop_runtime::Result<searchloop_runtime::scheduler::RoundCandidate> {
+        _job: &searchloop_loop::RoundJob,
+    ) -> searchloop_loop::Result<searchloop_loop::RoundCandidate> {
         let mut release = self.release.clone();
         let _ = release.wait_for(|r| *r).await;
-        Err(searchloop_runtime::RuntimeError::Adapter(
+        Err(searchloop_loop::LoopError::Adapter(
             "the stand-in round trains nothing".into(),
         ))
     }
@@ -956,7 +956,7 @@ async fn adapters_promotion_rollback_and_training_over_http() {
     for version in 1..=2 {
         let folder = dir.path().join(format!("adapter-{version}"));
         std::fs::create_dir_all(&folder).unwrap();
-        std::fs::write(folder.join(searchloop_runtime::adapters::MERGED_FILE), b"").unwrap();
+        std::fs::write(folder.join(searchloop_loop::adapters::MERGED_FILE), b"").unwrap();
         runtime
             .store()
             .register_adapter(NewAdapter {

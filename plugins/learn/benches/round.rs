@@ -32,17 +32,15 @@ use std::{
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use searchloop_core::{Agent, AgentConfig, PolicySlot, ToolRegistry, TrajectorySink};
-use searchloop_examples::retail::{self, GeneratorConfig};
+use searchloop_demo::retail::{self, GeneratorConfig};
 use searchloop_learn::{GroupSource, RoundConfig, RoundContext, RoundObserver, run_round_observed};
+use searchloop_llama::{GgufFile, Llama, LlamaConfig, LoraAdapter, LoraConfig};
 use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy, WeightsEncoding};
 use searchloop_search_tantivy::{
     CatalogIndex, CatalogSearchTool, CatalogSource, CatalogToolConfig,
 };
 use searchloop_store_sql::{Page, Store, TrajectoryFilter};
-use searchloop_train_sapo::{
-    GgufFile, Llama, LlamaConfig, LoraAdapter, LoraConfig, StepMetrics, TrainSequence, Trainer,
-    TrainerConfig,
-};
+use searchloop_train_sapo::{StepMetrics, TrainSequence, Trainer, TrainerConfig};
 use serde_json::json;
 
 struct Args {

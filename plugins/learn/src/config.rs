@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use searchloop_train_sapo::{LoraConfig, MergeEncoding, TrainerConfig};
+use searchloop_core::Device;
+use searchloop_llama::{LoraConfig, MergeEncoding};
+use searchloop_train_sapo::TrainerConfig;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnError, Result};
@@ -95,8 +97,9 @@ pub struct RoundConfig {
     pub max_feedback_episodes: usize,
     /// How the merged model is written.
     pub merged_weights: MergedWeights,
-    /// Train on this CUDA GPU (needs the `cuda` feature); absent trains on the CPU.
-    pub cuda_device: Option<usize>,
+    /// The device the trainer runs on; absent: the serving model's (`[model] device`), or the
+    /// CPU where there is none. A GPU needs the `cuda` feature.
+    pub device: Option<Device>,
     /// The Hugging Face id written into the PEFT `adapter_config.json` as the base model.
     pub base_model_name: String,
 }
@@ -125,7 +128,7 @@ impl Default for RoundConfig {
             max_sequence_tokens: 2048,
             max_feedback_episodes: 256,
             merged_weights: MergedWeights::F32,
-            cuda_device: None,
+            device: None,
             base_model_name: "HuggingFaceTB/SmolLM2-135M-Instruct".to_string(),
         }
     }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Everything that can stop a training round, an evaluation or a plot.
+/// Everything that can stop a training round or an evaluation.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LearnError {
@@ -34,23 +34,26 @@ pub enum LearnError {
     /// The trainer failed.
     #[error("training failed: {0}")]
     Train(#[from] searchloop_train_sapo::TrainError),
+    /// Loading the model or reading or writing an adapter or merged model failed.
+    #[error(transparent)]
+    Model(#[from] searchloop_llama::LlamaError),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] searchloop_store_sql::StoreError),
     /// The agent loop or the policy failed while sampling episodes.
     #[error("agent: {0}")]
     Agent(#[from] searchloop_core::Error),
+    /// The trainer's device cannot be opened (no such GPU, or a build without `cuda`).
+    #[error("cannot train on {device}: {source}")]
+    Device {
+        /// The configured device.
+        device: searchloop_core::Device,
+        /// What candle reported.
+        source: candle_core::Error,
+    },
     /// The training thread ended without a result (it panicked or was aborted).
     #[error("the training thread ended abnormally: {0}")]
     Thread(String),
-    /// Drawing a plot failed.
-    #[error("cannot draw the plot {}: {reason}", path.display())]
-    Plot {
-        /// The output file.
-        path: PathBuf,
-        /// What the drawing backend reported.
-        reason: String,
-    },
 }
 
 impl LearnError {

@@ -8,17 +8,16 @@ use std::{
 
 use futures::StreamExt;
 use searchloop_core::{
-    Agent, AgentConfig, EpisodeRequest, RewardPolicy, SamplingParams, Trajectory,
+    Agent, AgentConfig, EpisodeRequest, RewardPolicy, SamplingParams, Split, Trajectory,
 };
-use searchloop_store_sql::{Cursor, GroupQuery, Store};
-use serde::{Deserialize, Serialize};
+use searchloop_store_sql::{Cursor, GroupQuery, RunningMean, Store};
 use sha2::{Digest, Sha256};
 
 use crate::{
     batch::{BatchBuilder, Origin, SequenceLimits, has_host_feedback},
     config::RoundConfig,
     error::{LearnError, Result},
-    prompts::TrainPrompt,
+    questions::Question,
 };
 
 /// What sampling the replay groups produced.
@@ -75,7 +74,7 @@ fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn replay_groups(
     agent: &Agent,
-    prompts: &[TrainPrompt],
+    prompts: &[Question],
     config: &RoundConfig,
     round: u64,
     reward_policy: &RewardPolicy,
@@ -93,7 +92,7 @@ pub(crate) async fn replay_groups(
         }
         let request = EpisodeRequest {
             question: prompt.question.clone(),
-            task: Some(prompt.task_info()),
+            task: Some(prompt.task_info(Split::Train)),
             group_id: None,
             seed: Some(replay_seed(config.seed, round, k)),
         };
@@ -111,29 +110,6 @@ pub(crate) async fn replay_groups(
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
-}
-
-/// Most feedback episodes a running baseline averages over: past that, each new reward
-/// replaces 1/256 of the mean, so the baseline follows a policy that improves.
-const BASELINE_WINDOW: u64 = 256;
-
-/// The mean feedback reward of one task kind over the rounds of an adapter lineage.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct RunningMean {
-    /// The mean reward.
-    pub mean: f64,
-    /// Feedback episodes seen (the mean weighs at most the last [`BASELINE_WINDOW`] evenly).
-    pub count: u64,
-}
-
-impl RunningMean {
-    /// Adds one reward: a plain mean for the first [`BASELINE_WINDOW`], then an exponential
-    /// moving average with weight `1 / BASELINE_WINDOW`.
-    pub fn add(&mut self, reward: f64) {
-        self.count = self.count.saturating_add(1);
-        let weight = 1.0 / self.count.min(BASELINE_WINDOW) as f64;
-        self.mean += (reward - self.mean) * weight;
-    }
 }
 
 /// Running feedback baselines by task kind, carried from round to round in the adapter
@@ -341,13 +317,13 @@ mod tests {
             m.add(r);
         }
         assert!((m.mean - 0.5).abs() < 1e-12 && m.count == 3);
-        // Past the window, a reward moves the mean by 1/BASELINE_WINDOW of its distance.
+        // Past the window, a reward moves the mean by 1/RunningMean::WINDOW of its distance.
         let mut full = RunningMean {
             mean: 0.0,
-            count: BASELINE_WINDOW,
+            count: RunningMean::WINDOW,
         };
         full.add(1.0);
-        assert!((full.mean - 1.0 / BASELINE_WINDOW as f64).abs() < 1e-12);
+        assert!((full.mean - 1.0 / RunningMean::WINDOW as f64).abs() < 1e-12);
 
         // Updating adds every member's reward to its kind, oldest first.
         let members: Vec<(Trajectory, f64)> = vec![

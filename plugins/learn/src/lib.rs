@@ -9,8 +9,8 @@
 //! - **feedback**: logged episodes whose reward ledger holds host feedback, read from the store
 //!   from where the parent adapter's round stopped. They are grouped by group id or by prompt
 //!   where those repeat; an episode with a unique prompt trains against a running mean of its
-//!   task kind's feedback reward ([`RunningMean`]), kept per adapter lineage in the registry
-//!   ([`FEEDBACK_BASELINES_KEY`]).
+//!   task kind's feedback reward ([`RunningMean`]), kept per adapter lineage in the registry's
+//!   learning state ([`searchloop_store_sql::LearningState`]).
 //!
 //! Each episode becomes a [`searchloop_train_sapo::TrainSequence`] ([`batch`]): its exact token
 //! ids, a loss mask over the model's own tokens, the behaviour log-probs and the temperature
@@ -19,10 +19,9 @@
 //! runs on a blocking thread inside its own rayon pool of `threads` cores. The candidate is
 //! written as a PEFT adapter, a merged GGUF ([`MERGED_FILE`]) and a metrics file
 //! ([`METRICS_FILE`], one JSON line per optimizer step), published atomically as
-//! `adapters_dir/v<N>/`, and registered as a candidate.
+//! `adapters_dir/v<N>/` under the version the round reserved, and registered as a candidate.
 //!
-//! [`evaluate`] scores an agent on held-out items by exact match and F1 with fixed seeds;
-//! [`plot::plot_metrics`] draws a metrics file's curves.
+//! [`evaluate`] scores an agent on held-out items by exact match and F1 with fixed seeds.
 //!
 //! ```no_run
 //! # async fn demo(agent: &searchloop_core::Agent, store: &searchloop_store_sql::Store)
@@ -54,18 +53,18 @@ pub mod error;
 pub mod eval;
 mod groups;
 pub mod metrics;
-pub mod plot;
-pub mod prompts;
+pub mod questions;
 pub mod round;
 
 pub use batch::{BatchStats, SkipReason};
 pub use config::{GroupSource, MergedWeights, RoundConfig};
 pub use error::{LearnError, Result};
-pub use eval::{EvalReport, evaluate, evaluate_observed};
-pub use groups::{FeedbackBaselines, RunningMean};
+pub use eval::{EVAL_CONCURRENCY, EvalReport, KindReport, evaluate, evaluate_observed};
+pub use groups::FeedbackBaselines;
 pub use metrics::{METRICS_FILE, RoundSummary};
-pub use prompts::{EvalItem, TrainPrompt, read_eval_items, read_train_prompts};
+pub use questions::{Question, read_eval_items, read_train_prompts};
 pub use round::{
-    FEEDBACK_BASELINES_KEY, FEEDBACK_CURSOR_KEY, MERGED_FILE, RoundContext, RoundObserver,
-    RoundOutput, run_round, run_round_observed,
+    MERGED_FILE, RoundContext, RoundObserver, RoundOutput, STAGING_PREFIX, discard_stale_rounds,
+    run_round, run_round_observed,
 };
+pub use searchloop_store_sql::RunningMean;

@@ -1,10 +1,12 @@
 //! One training round: gather groups, train a LoRA candidate on a thread budget, write it
 //! (PEFT files, merged GGUF, metrics) and register it.
 //!
-//! A round publishes all or nothing. Everything is written into a hidden temporary folder of
-//! `adapters_dir`, synced, and renamed to `v<N>` only once complete; the registry row comes
-//! last. A round that fails or is cancelled removes its folder and registers nothing, so its
-//! only trace is its log.
+//! A round publishes all or nothing. It writes everything into a hidden temporary folder of
+//! `adapters_dir` and syncs it; then the registry reserves its version (a staging row), the
+//! folder is renamed to `v<N>` after that version, and only then is the row published as a
+//! candidate. A round that fails or is cancelled removes its folder and discards any
+//! reservation, so its only trace is its log; one whose process died is cleaned up by the next
+//! round ([`discard_stale_rounds`]).
 
 use std::{
     path::{Path, PathBuf},
@@ -17,10 +19,10 @@ use std::{
 
 use candle_core::{DType, Device};
 use searchloop_core::Agent;
-use searchloop_store_sql::{AdapterRecord, Cursor, NewAdapter, Store};
+use searchloop_llama::{GgufFile, Llama, LoraAdapter, merge_into_gguf};
+use searchloop_store_sql::{AdapterRecord, Cursor, LearningState, NewAdapter, Store};
 use searchloop_train_sapo::{
-    GgufFile, Llama, LoraAdapter, OldLogprobSource, StepMetrics, TrainError, TrainReport,
-    TrainSequence, Trainer, merge_into_gguf,
+    OldLogprobSource, StepMetrics, TrainError, TrainReport, TrainSequence, Trainer,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -29,22 +31,13 @@ use crate::{
     batch::{BatchBuilder, BatchStats, SequenceLimits},
     config::RoundConfig,
     error::{LearnError, Result},
-    groups::{FeedbackBaselines, feedback_groups, replay_agent, replay_groups},
+    groups::{feedback_groups, replay_agent, replay_groups},
     metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
-    prompts::{logged_train_prompts, pick_prompts, read_train_prompts},
+    questions::{logged_train_prompts, pick_prompts, read_train_prompts},
 };
 
 /// The merged model's file name inside an adapter's folder.
 pub const MERGED_FILE: &str = "merged.gguf";
-
-/// The key of the registry's training config under which a round records where its feedback
-/// reading stopped; the next round from that adapter resumes there.
-pub const FEEDBACK_CURSOR_KEY: &str = "feedback_cursor";
-
-/// The key of the registry's training config under which a round records the running mean
-/// feedback reward per task kind (a map of kind to [`RunningMean`]); the next round from that
-/// adapter baselines unique-prompt feedback episodes with it.
-pub const FEEDBACK_BASELINES_KEY: &str = "feedback_baselines";
 
 /// What a round works with.
 #[derive(Debug, Clone, Copy)]
@@ -126,10 +119,6 @@ pub async fn run_round_observed(
         ));
     }
     let model_config = GgufFile::open(ctx.base_gguf)?.config()?;
-    let limits = SequenceLimits {
-        vocab_size: model_config.vocab_size,
-        max_tokens: config.max_sequence_tokens,
-    };
     std::fs::create_dir_all(ctx.adapters_dir).map_err(|e| {
         LearnError::io(
             format!(
@@ -139,6 +128,10 @@ pub async fn run_round_observed(
             e,
         )
     })?;
+    let limits = SequenceLimits {
+        vocab_size: model_config.vocab_size,
+        max_tokens: config.max_sequence_tokens,
+    };
     let round = ctx.store.list_adapters().await?.len() as u64;
     let reward_policy = ctx.store.options().reward_policy.clone();
 
@@ -168,10 +161,12 @@ pub async fn run_round_observed(
         )
         .await?;
     }
-    let (since, baselines) = match ctx.parent {
-        Some(v) => parent_feedback_state(ctx.store, v).await?,
-        None => (Cursor::START, FeedbackBaselines::new()),
+    // An adapter registered by hand left no learning state: its rounds start both afresh.
+    let parent_state = match ctx.parent {
+        Some(v) => ctx.store.learning_state(v).await?.unwrap_or_default(),
+        None => LearningState::default(),
     };
+    let (since, baselines) = (parent_state.feedback_cursor, parent_state.baselines);
     let (feedback_cursor, baselines) = if config.source.feedback() {
         feedback_groups(
             ctx.store, since, &baselines, config, limits, &mut batch, ctx.cancel,
@@ -188,7 +183,7 @@ pub async fn run_round_observed(
 
     // The temporary folder is removed when dropped, on every early return below.
     let staging = tempfile::Builder::new()
-        .prefix(".round-")
+        .prefix(STAGING_PREFIX)
         .tempdir_in(ctx.adapters_dir)
         .map_err(|e| {
             LearnError::io(
@@ -259,56 +254,49 @@ pub async fn run_round_observed(
     }
 
     let content_hash = adapter_hash(staging.path())?;
-    let version = ctx
-        .store
-        .list_adapters()
-        .await?
-        .iter()
-        .map(|a| a.version)
-        .max()
-        .unwrap_or(0)
-        + 1;
-    let final_dir = ctx.adapters_dir.join(format!("v{version}"));
-    publish(staging, &final_dir, ctx.store, version).await?;
-    let mut training_config = serde_json::to_value(config).unwrap_or_default();
-    if let Some(map) = training_config.as_object_mut() {
-        map.insert(
-            FEEDBACK_CURSOR_KEY.into(),
-            serde_json::to_value(feedback_cursor).unwrap_or_default(),
-        );
-        map.insert(
-            FEEDBACK_BASELINES_KEY.into(),
-            serde_json::to_value(&baselines).unwrap_or_default(),
-        );
-    }
-    let registered = ctx
-        .store
-        .register_adapter(NewAdapter {
-            content_hash,
+    let state = LearningState {
+        feedback_cursor,
+        baselines,
+    };
+    let new_adapter = |path: &Path| -> Result<NewAdapter> {
+        Ok(NewAdapter {
+            content_hash: content_hash.clone(),
             parent_version: ctx.parent,
-            path: final_dir.to_string_lossy().into_owned(),
-            training_config,
-            metrics_summary: serde_json::to_value(&summary).unwrap_or_default(),
+            path: path.to_string_lossy().into_owned(),
+            training_config: serde_json::to_value(config).map_err(|e| {
+                LearnError::Config(format!("the round config cannot be recorded as JSON: {e}"))
+            })?,
+            metrics_summary: serde_json::to_value(&summary).map_err(|e| {
+                LearnError::Config(format!("the round summary cannot be recorded as JSON: {e}"))
+            })?,
             created_at: None,
         })
-        .await;
-    let candidate = match registered {
+    };
+    // The registry assigns the version (a staging row) before the folder is named after it;
+    // the row becomes a candidate only once the folder is complete under that name.
+    let version = ctx.store.stage_adapter(ctx.parent).await?;
+    let final_dir = ctx.adapters_dir.join(format!("v{version}"));
+    let published = match publish(staging, &final_dir) {
+        Ok(()) => match new_adapter(&final_dir) {
+            Ok(adapter) => ctx
+                .store
+                .publish_adapter(version, adapter, Some(&state))
+                .await
+                .map_err(LearnError::from),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let candidate = match published {
         Ok(record) => record,
         Err(e) => {
             remove_quietly(&final_dir);
-            return Err(e.into());
+            if let Err(discard) = ctx.store.discard_staged(version).await {
+                tracing::warn!(version, error = %discard, "cannot discard a reserved version");
+            }
+            return Err(e);
         }
     };
-    if candidate.version != version {
-        // Another writer registered an adapter in between; the folder name is then off by
-        // the registry's count, but the registry's path is the truth.
-        tracing::warn!(
-            expected = version,
-            got = candidate.version,
-            path = %final_dir.display(),
-            "the adapter folder is named after a version the registry did not assign"
-        );
-    }
     tracing::info!(
         version = candidate.version,
         steps = summary.steps,
@@ -374,33 +362,9 @@ async fn behaviour_adapters(
     Ok(out)
 }
 
-/// Where the feedback reading of the round that produced adapter `version` stopped, and the
-/// feedback baselines it left. A record without them (an adapter trained before rounds kept
-/// baselines, or registered by hand) starts both afresh.
-async fn parent_feedback_state(store: &Store, version: u64) -> Result<(Cursor, FeedbackBaselines)> {
-    let record = store
-        .get_adapter(version)
-        .await?
-        .ok_or(searchloop_store_sql::StoreError::UnknownAdapter(version))?;
-    let read = |key: &str| record.training_config.get(key).cloned();
-    let cursor = read(FEEDBACK_CURSOR_KEY)
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or(Cursor::START);
-    let baselines: FeedbackBaselines = read(FEEDBACK_BASELINES_KEY)
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default();
-    // The registry is read back from disk: a non-finite mean is dropped rather than allowed to
-    // poison every advantage of its kind. (A zero-count entry is kept; it reads as no history.)
-    let baselines = baselines
-        .into_iter()
-        .filter(|(_, b)| b.mean.is_finite())
-        .collect();
-    Ok((cursor, baselines))
-}
-
 /// sha256 of the adapter's weights file, in hex.
 fn adapter_hash(dir: &Path) -> Result<String> {
-    let path = dir.join(searchloop_train_sapo::lora::ADAPTER_WEIGHTS_FILE);
+    let path = dir.join(searchloop_llama::lora::ADAPTER_WEIGHTS_FILE);
     let bytes = std::fs::read(&path)
         .map_err(|e| LearnError::io(format!("cannot read {}", path.display()), e))?;
     Ok(Sha256::digest(&bytes)
@@ -409,23 +373,12 @@ fn adapter_hash(dir: &Path) -> Result<String> {
         .collect())
 }
 
-/// Renames the complete staging folder to `final_dir`. A folder already there that the
-/// registry does not know (left by a process that died between this rename and its
-/// registration) is replaced; one the registry knows is never touched.
-async fn publish(
-    staging: tempfile::TempDir,
-    final_dir: &Path,
-    store: &Store,
-    version: u64,
-) -> Result<()> {
+/// Renames the complete staging folder to `final_dir`. The round reserved the folder's version,
+/// so a folder already there was left by a process that died before publishing it under a
+/// reservation the registry no longer holds; it is replaced.
+fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
-        if store.get_adapter(version).await?.is_some() {
-            return Err(LearnError::Config(format!(
-                "{} already holds registered adapter v{version}",
-                final_dir.display()
-            )));
-        }
-        tracing::warn!(path = %final_dir.display(), "replacing an unregistered adapter folder");
+        tracing::warn!(path = %final_dir.display(), "replacing an unpublished adapter folder");
         std::fs::remove_dir_all(final_dir)
             .map_err(|e| LearnError::io(format!("cannot remove {}", final_dir.display()), e))?;
     }
@@ -448,6 +401,42 @@ async fn publish(
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// The prefix of a round's hidden staging folder in `adapters_dir`.
+pub const STAGING_PREFIX: &str = ".round-";
+
+/// Cleans up after rounds whose process died: discards every version still staged in the
+/// registry and removes its folder, and removes the hidden staging folders left in
+/// `adapters_dir`. Only the process that trains may call it, and only while none of its own
+/// rounds runs: every reservation and staging folder is then stale. Returns the discarded
+/// versions.
+pub async fn discard_stale_rounds(store: &Store, adapters_dir: &Path) -> Result<Vec<u64>> {
+    let staged = store.staged_adapters().await?;
+    for &version in &staged {
+        let folder = adapters_dir.join(format!("v{version}"));
+        if folder.exists() {
+            std::fs::remove_dir_all(&folder)
+                .map_err(|e| LearnError::io(format!("cannot remove {}", folder.display()), e))?;
+        }
+        store.discard_staged(version).await?;
+        tracing::warn!(version, "discarded a killed round's reserved version");
+    }
+    if let Ok(entries) = std::fs::read_dir(adapters_dir) {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
+                let path = entry.path();
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| LearnError::io(format!("cannot remove {}", path.display()), e))?;
+                tracing::warn!(path = %path.display(), "removed a killed round's folder");
+            }
+        }
+    }
+    Ok(staged)
 }
 
 /// Syncs every file of `dir`, so the folder is complete on disk before it is published.
@@ -565,9 +554,15 @@ fn run_job(
     // candle's CPU kernels run their parallel loops on the current rayon pool, so installing
     // this pool keeps the trainer on its budget and off the pool serving uses.
     pool.install(|| {
-        let device = match job.config.cuda_device {
-            Some(ordinal) => Device::new_cuda(ordinal).map_err(TrainError::from)?,
-            None => Device::Cpu,
+        let wanted = job.config.device.unwrap_or_default();
+        let device = match wanted {
+            searchloop_core::Device::Cpu => Device::Cpu,
+            searchloop_core::Device::Cuda(ordinal) => {
+                Device::new_cuda(ordinal).map_err(|source| LearnError::Device {
+                    device: wanted,
+                    source,
+                })?
+            }
         };
         let started = Instant::now();
         let model = Llama::load(&job.base_gguf, &device, DType::F32)?;

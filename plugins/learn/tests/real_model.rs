@@ -24,9 +24,10 @@ use searchloop_core::{
     ToolRegistry, TrajectorySink,
 };
 use searchloop_learn::batch::{SequenceLimits, to_train_sequence};
+use searchloop_llama::Llama;
 use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy, WeightsEncoding};
 use searchloop_store_sql::Store;
-use searchloop_train_sapo::{Llama, TrainSequence};
+use searchloop_train_sapo::TrainSequence;
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("SEARCHLOOP_MODEL").map_or_else(

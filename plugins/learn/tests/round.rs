@@ -21,10 +21,9 @@ use searchloop_learn::{
     EvalReport, GroupSource, LearnError, MERGED_FILE, METRICS_FILE, RoundConfig, RoundContext,
     RoundObserver, SkipReason, evaluate, read_eval_items, run_round, run_round_observed,
 };
+use searchloop_llama::{LoraConfig, TargetModule};
 use searchloop_store_sql::{AdapterStatus, FeedbackInput, Store};
-use searchloop_train_sapo::{
-    LoraConfig, OldLogprobSource, StepMetrics, TargetModule, TrainerConfig,
-};
+use searchloop_train_sapo::{OldLogprobSource, StepMetrics, TrainerConfig};
 
 /// A round configuration that moves the tiny model within a few rounds.
 fn toy_round(questions: Option<PathBuf>, source: GroupSource) -> RoundConfig {
@@ -217,13 +216,14 @@ async fn cancelled_and_failed_rounds_leave_no_trace() {
     // A failure inside the training thread, after the staging folder exists: there is no GPU
     // 999 (and without the `cuda` feature no GPU at all).
     let on_gpu = RoundConfig {
-        cuda_device: Some(999),
+        device: Some(searchloop_core::Device::Cuda(999)),
         ..config.clone()
     };
     let cancel = AtomicBool::new(false);
     let ctx = setup.ctx(&agent, None, &cancel, &adapters);
     let err = run_round(&ctx, &on_gpu).await.unwrap_err();
-    assert!(matches!(err, LearnError::Train(_)), "{err}");
+    assert!(matches!(err, LearnError::Device { .. }), "{err}");
+    assert!(err.to_string().contains("cuda:999"), "{err}");
 
     let unknown_parent = setup.dir.path().join("empty");
     std::fs::create_dir_all(&unknown_parent).unwrap();
@@ -309,8 +309,14 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
     // Grouped by prompt: three groups of four.
     assert_eq!(batch.groups, 3);
     assert!((batch.temperature_mean - f64::from(0.7f32)).abs() < 1e-9);
-    let cursor = &out.candidate.training_config[searchloop_learn::FEEDBACK_CURSOR_KEY];
-    assert!(cursor.as_i64().unwrap() > 0);
+    let state = setup
+        .store
+        .learning_state(out.candidate.version)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state.feedback_cursor, out.feedback_cursor);
+    assert!(state.feedback_cursor > searchloop_store_sql::Cursor::START);
 
     // From that candidate, nothing new has arrived: the round has no data and no trace.
     let parent = Some((out.candidate.version, out.adapter_dir.as_path()));
@@ -321,11 +327,7 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
 
     // The round left the running mean of its kind's training reward over the 13 episodes with
     // feedback, the greedy one included (not trainable, but it shows how the policy does).
-    let baselines: searchloop_learn::FeedbackBaselines = serde_json::from_value(
-        out.candidate.training_config[searchloop_learn::FEEDBACK_BASELINES_KEY].clone(),
-    )
-    .unwrap();
-    let toy = baselines["toy"];
+    let toy = state.baselines["toy"];
     let policy = setup.store.options().reward_policy.clone();
     let mut expected = 0.0;
     for t in logged.iter().chain([&greedy]) {
@@ -360,11 +362,13 @@ async fn feedback_rounds_train_on_logged_feedback_and_resume_after_it() {
     assert_eq!(out2.candidate.parent_version, Some(1));
     assert!(out2.feedback_cursor > out.feedback_cursor);
     assert_eq!(entries(&adapters), ["v1", "v2"]);
-    let after: searchloop_learn::FeedbackBaselines = serde_json::from_value(
-        out2.candidate.training_config[searchloop_learn::FEEDBACK_BASELINES_KEY].clone(),
-    )
-    .unwrap();
-    assert_eq!(after["toy"].count, 16);
+    let after = setup
+        .store
+        .learning_state(out2.candidate.version)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.baselines["toy"].count, 16);
 
     // The base model served these episodes, but the round trained from v1, whose adapter
     // has moved: scored under v1 they are off by more than numerics...

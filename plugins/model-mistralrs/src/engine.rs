@@ -21,10 +21,11 @@ use searchloop_core::{FinishReason, Sample};
 use tokenizers::Tokenizer;
 use tokio::sync::{Semaphore, mpsc};
 
+use searchloop_core::sampling::DrawSettings;
+
 use crate::{
     error::{ModelError, Result},
     processor::{EarlyEnd, LogitsCapture, RecorderCounters, RecorderSetup, TokenRecorder},
-    sampling::DrawSettings,
 };
 
 /// A started engine with what is needed to talk to it.

@@ -23,7 +23,6 @@ mod error;
 mod gguf;
 mod policy;
 mod processor;
-mod sampling;
 
 pub use config::{MistralRsConfig, WeightsEncoding};
 pub use error::{ModelError, Result};

@@ -15,6 +15,8 @@ use mistralrs::core::{
 use searchloop_core::{ChatMessage, Policy, Sample, SamplingParams};
 use tokio::sync::Semaphore;
 
+use searchloop_core::sampling::DrawSettings;
+
 use crate::{
     chat::ChatTemplate,
     config::{MistralRsConfig, WeightsEncoding},
@@ -22,7 +24,6 @@ use crate::{
     error::{ModelError, Result},
     gguf,
     processor::RecorderCounters,
-    sampling::DrawSettings,
 };
 
 /// How the engine drove the sampling processors of one policy since it was loaded.

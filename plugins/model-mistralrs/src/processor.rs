@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokenizers::Tokenizer;
 
-use crate::sampling::{DrawSettings, draw};
+use searchloop_core::sampling::{DrawSettings, draw};
 
 /// Counters shared by every recorder of one policy, to check how the engine drives them.
 #[derive(Debug, Default)]

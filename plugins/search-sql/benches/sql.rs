@@ -7,15 +7,15 @@
 //! only, so CI checks that it works without paying for the measurement.
 
 use std::{
-    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use searchloop_core::DynTool;
-use searchloop_examples::retail::{GeneratorConfig, RetailDataset, generate};
-use searchloop_search_sql::{InventoryConfig, InventoryTool, seed_retail_inventory};
+use searchloop_demo::retail::{GeneratorConfig, RetailDataset, generate};
+use searchloop_demo::seed_retail_inventory;
+use searchloop_search_sql::{InventoryConfig, InventoryTool};
 use serde_json::{Value, json};
 use sqlx::{Connection, postgres::PgConnection};
 
@@ -117,8 +117,7 @@ async fn run_backend(
     data: Arc<RetailDataset>,
     calls_per_caller: usize,
 ) -> Result<()> {
-    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/retail.toml");
-    let mut config = InventoryConfig::from_toml_file(&config_path)?;
+    let mut config = InventoryConfig::from_toml_str(searchloop_demo::INVENTORY_CONFIG_TOML)?;
     config.database = database.to_string();
     // One connection per caller, so the figures are the database's and the tool's, not a queue.
     config.limits.max_connections = CALLERS as u32;

@@ -86,32 +86,6 @@ pub enum SqlError {
         /// The database's type name.
         type_name: String,
     },
-    /// A data set file could not be read.
-    #[error("cannot read {}: {source}", .path.display())]
-    ReadData {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// A data set line is not the expected JSON record.
-    #[error("{}:{line}: invalid record: {source}", .path.display())]
-    ParseData {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line number.
-        line: usize,
-        /// The underlying error.
-        source: serde_json::Error,
-    },
-    /// Seeding the inventory failed; nothing was written (one transaction).
-    #[error("seeding the inventory failed while {step}: {source}")]
-    Seed {
-        /// What was being done.
-        step: &'static str,
-        /// The underlying error.
-        source: sqlx::Error,
-    },
 }
 
 impl From<SqlError> for ToolError {

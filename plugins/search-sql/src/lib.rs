@@ -19,8 +19,9 @@
 //! - a statement timeout stops slow statements inside the database (a SQLite progress handler, a
 //!   PostgreSQL `statement_timeout`), and at most `max_rows` rows are read and shown.
 //!
-//! [`seed_retail_inventory`] loads the retail data set generator's files into the `products`,
-//! `stores` and `stock` tables; `configs/retail.toml` declares the retail queries on them.
+//! The demo's inventory (searchloop-demo) is a complete example: its seeding code writes the
+//! `products`, `stores` and `stock` tables, and its `configs/inventory.toml` declares the
+//! queries over them.
 //!
 //! ```toml
 //! description = "Store inventory: stock per store, prices and restock dates."
@@ -37,14 +38,8 @@ mod backend;
 mod config;
 mod error;
 mod placeholders;
-mod seed;
 mod tool;
 
 pub use config::{InventoryConfig, ParamConfig, ParamType, QueryConfig, SqlLimits};
 pub use error::{Result, SqlError};
-pub use seed::{SeedReport, seed_retail_inventory};
 pub use tool::InventoryTool;
-
-/// The shipped retail inventory config (`configs/retail.toml`): the named queries over the
-/// tables [`seed_retail_inventory`] creates, with `database = "sqlite://inventory.db"`.
-pub const RETAIL_CONFIG_TOML: &str = include_str!("../configs/retail.toml");

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use common::*;
 use searchloop_core::DynTool;
-use searchloop_search_sql::seed_retail_inventory;
+use searchloop_demo::seed_retail_inventory;
 use serde_json::json;
 use sqlx::{Connection, postgres::PgConnection};
 use url::Url;

@@ -7,7 +7,8 @@
 mod common;
 
 use common::*;
-use searchloop_search_sql::{InventoryTool, SqlError, seed_retail_inventory};
+use searchloop_demo::seed_retail_inventory;
+use searchloop_search_sql::{InventoryTool, SqlError};
 use tempfile::TempDir;
 
 /// A freshly seeded inventory file.
@@ -89,20 +90,4 @@ async fn a_missing_database_file_is_an_error_and_is_not_created() {
     assert!(matches!(err, SqlError::Connect { .. }), "{err}");
     assert!(err.to_string().contains("missing.db"), "{err}");
     assert!(!path.exists());
-}
-
-#[tokio::test]
-async fn seeding_errors_name_the_file_and_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("inventory.db").display());
-    let err = seed_retail_inventory(&url, dir.path()).await.unwrap_err();
-    assert!(matches!(err, SqlError::ReadData { .. }), "{err}");
-    assert!(err.to_string().contains("catalog.jsonl"), "{err}");
-
-    for file in ["catalog.jsonl", "stores.jsonl", "stock.jsonl"] {
-        std::fs::copy(dataset().dir.path().join(file), dir.path().join(file)).unwrap();
-    }
-    std::fs::write(dir.path().join("stock.jsonl"), "{\"sku\": \"X\"}\n").unwrap();
-    let err = seed_retail_inventory(&url, dir.path()).await.unwrap_err();
-    assert!(err.to_string().contains("stock.jsonl:1"), "{err}");
 }

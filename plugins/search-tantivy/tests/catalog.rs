@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use searchloop_core::conformance::{ConformanceConfig, check_tool};
 use searchloop_core::{DynTool, ToolError, ToolRegistry};
-use searchloop_examples::retail::{self, GeneratorConfig, QuestionKind, RetailDataset};
+use searchloop_demo::retail::{self, GeneratorConfig, QuestionKind, RetailDataset};
 use searchloop_search_tantivy::{
     CatalogError, CatalogIndex, CatalogQuery, CatalogSearchTool, CatalogSource, CatalogToolConfig,
     Product, Progress,

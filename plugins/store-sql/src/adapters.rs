@@ -2,7 +2,7 @@
 //! results, and the transactional promote / reject / roll back life cycle that keeps at most one
 //! adapter promoted.
 
-use std::fmt;
+use std::{collections::BTreeMap, fmt};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -11,13 +11,14 @@ use crate::{
     backend::{col, on_read, on_write},
     codec,
     error::{DbContext, Result, StoreError},
+    query::Cursor,
     store::Store,
 };
 
 /// Where an adapter is in its life cycle.
 ///
 /// ```text
-/// candidate --promote--> promoted --promote another--> superseded --promote/rollback--> promoted
+/// staging --publish--> candidate --promote--> promoted --promote another--> superseded --promote/rollback--> promoted
 ///     |                     |
 ///  reject                rollback
 ///     v                     v
@@ -26,6 +27,9 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum AdapterStatus {
+    /// Its version is reserved while a round writes it; not yet published (see
+    /// [`Store::stage_adapter`]).
+    Staging,
     /// Registered, not yet judged.
     Candidate,
     /// Serving. At most one adapter is promoted at a time.
@@ -42,6 +46,7 @@ impl AdapterStatus {
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
+            AdapterStatus::Staging => "staging",
             AdapterStatus::Candidate => "candidate",
             AdapterStatus::Promoted => "promoted",
             AdapterStatus::Superseded => "superseded",
@@ -52,6 +57,7 @@ impl AdapterStatus {
 
     fn parse(version: i64, name: &str) -> Result<Self> {
         Ok(match name {
+            "staging" => AdapterStatus::Staging,
             "candidate" => AdapterStatus::Candidate,
             "promoted" => AdapterStatus::Promoted,
             "superseded" => AdapterStatus::Superseded,
@@ -88,6 +94,68 @@ pub struct NewAdapter {
     pub metrics_summary: serde_json::Value,
     /// When it was made; `None` means now.
     pub created_at: Option<DateTime<Utc>>,
+}
+
+/// What a round leaves in the registry for the rounds trained from its adapter: where its
+/// reading of host feedback stopped, and the running mean feedback reward per task kind.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LearningState {
+    /// The next round from this adapter reads feedback changed after this point.
+    pub feedback_cursor: Cursor,
+    /// The running mean feedback reward by task kind.
+    pub baselines: BTreeMap<String, RunningMean>,
+}
+
+/// A mean over a stream of rewards: a plain mean for the first [`RunningMean::WINDOW`], then
+/// an exponential moving average with weight `1 / WINDOW`, so it follows a policy that
+/// improves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningMean {
+    /// The mean reward.
+    pub mean: f64,
+    /// Rewards seen (the mean weighs at most the last [`RunningMean::WINDOW`] evenly).
+    pub count: u64,
+}
+
+impl RunningMean {
+    /// Rewards over which the mean is plain; after that each new one replaces `1 / WINDOW` of it.
+    pub const WINDOW: u64 = 256;
+
+    /// Adds one reward.
+    pub fn add(&mut self, reward: f64) {
+        self.count = self.count.saturating_add(1);
+        let weight = 1.0 / self.count.min(Self::WINDOW) as f64;
+        self.mean += (reward - self.mean) * weight;
+    }
+}
+
+/// A [`LearningState`] checked and encoded for its rows.
+struct EncodedState {
+    cursor: i64,
+    baselines: Vec<(String, f64, i64)>,
+}
+
+impl EncodedState {
+    fn new(state: &LearningState) -> Result<Self> {
+        let mut baselines = Vec::with_capacity(state.baselines.len());
+        for (kind, b) in &state.baselines {
+            if !b.mean.is_finite() {
+                return Err(StoreError::InvalidArgument(format!(
+                    "the feedback baseline of kind '{kind}' is {}",
+                    b.mean
+                )));
+            }
+            baselines.push((
+                kind.clone(),
+                b.mean,
+                codec::to_i64("baseline count", b.count)?,
+            ));
+        }
+        Ok(Self {
+            cursor: state.feedback_cursor.to_stored(),
+            baselines,
+        })
+    }
 }
 
 /// A registered adapter.
@@ -250,49 +318,75 @@ fn now_nanos() -> Result<i64> {
     codec::to_nanos("current time", Utc::now())
 }
 
-impl Store {
-    /// Registers a trained adapter as a [`AdapterStatus::Candidate`] and returns it with the
-    /// version the store assigned (one more than any version ever assigned).
-    pub async fn register_adapter(&self, adapter: NewAdapter) -> Result<AdapterRecord> {
+/// A [`NewAdapter`] checked and encoded for its row.
+struct EncodedAdapter {
+    parent: Option<i64>,
+    created_at_ns: i64,
+    config: String,
+    metrics: String,
+}
+
+impl EncodedAdapter {
+    fn new(adapter: &NewAdapter) -> Result<Self> {
         if adapter.content_hash.is_empty() || adapter.path.is_empty() {
             return Err(StoreError::InvalidArgument(
                 "an adapter needs a content hash and a path".into(),
             ));
         }
-        let parent = adapter
-            .parent_version
-            .map(|v| codec::to_i64("parent version", v))
-            .transpose()?;
-        let created_at_ns = codec::to_nanos(
-            "adapter creation time",
-            adapter.created_at.unwrap_or_else(Utc::now),
-        )?;
-        let config = to_json("training config", &adapter.training_config)?;
-        let metrics = to_json("metrics summary", &adapter.metrics_summary)?;
+        Ok(Self {
+            parent: adapter
+                .parent_version
+                .map(|v| codec::to_i64("parent version", v))
+                .transpose()?,
+            created_at_ns: codec::to_nanos(
+                "adapter creation time",
+                adapter.created_at.unwrap_or_else(Utc::now),
+            )?,
+            config: to_json("training config", &adapter.training_config)?,
+            metrics: to_json("metrics summary", &adapter.metrics_summary)?,
+        })
+    }
+}
+
+/// Fails with [`StoreError::UnknownAdapter`] unless parent version `$parent` (as stored;
+/// `$version` as given) is registered, inside `$tx`; `None` (the base model) always passes.
+macro_rules! check_parent {
+    ($tx:expr, $parent:expr, $version:expr) => {{
+        if let (Some(parent), Some(v)) = ($parent, $version) {
+            let found: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM adapters WHERE version = $1")
+                    .bind(parent)
+                    .fetch_optional(&mut *$tx)
+                    .await
+                    .ctx("look up the parent adapter")?;
+            if found.is_none() {
+                return Err(StoreError::UnknownAdapter(v));
+            }
+        }
+    }};
+}
+
+impl Store {
+    /// Registers a trained adapter as a [`AdapterStatus::Candidate`] and returns it with the
+    /// version the store assigned (one more than any version ever assigned). A round that
+    /// writes its files under the version's name reserves the version first instead
+    /// ([`Store::stage_adapter`], then [`Store::publish_adapter`]).
+    pub async fn register_adapter(&self, adapter: NewAdapter) -> Result<AdapterRecord> {
+        let new = EncodedAdapter::new(&adapter)?;
         on_write!(self, |pool, d| {
             let mut tx = begin_registry!(pool, d);
-            if let (Some(parent), Some(v)) = (parent, adapter.parent_version) {
-                let found: Option<i64> =
-                    sqlx::query_scalar("SELECT version FROM adapters WHERE version = $1")
-                        .bind(parent)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .ctx("look up the parent adapter")?;
-                if found.is_none() {
-                    return Err(StoreError::UnknownAdapter(v));
-                }
-            }
+            check_parent!(tx, new.parent, adapter.parent_version);
             let version: i64 = sqlx::query_scalar(
                 "INSERT INTO adapters (content_hash, parent_version, path, training_config, \
                  metrics_summary, status, created_at_ns) \
                  VALUES ($1, $2, $3, $4, $5, 'candidate', $6) RETURNING version",
             )
             .bind(&adapter.content_hash)
-            .bind(parent)
+            .bind(new.parent)
             .bind(&adapter.path)
-            .bind(&config)
-            .bind(&metrics)
-            .bind(created_at_ns)
+            .bind(&new.config)
+            .bind(&new.metrics)
+            .bind(new.created_at_ns)
             .fetch_one(&mut *tx)
             .await
             .ctx("register an adapter")?;
@@ -302,6 +396,204 @@ impl Store {
             })?;
             tx.commit().await.ctx("commit an adapter registration")?;
             Ok(record)
+        })
+    }
+
+    /// Reserves the next version for an adapter a round is about to write, as a
+    /// [`AdapterStatus::Staging`] row: the round names its files after the version and
+    /// publishes them with [`Store::publish_adapter`], or gives the version up with
+    /// [`Store::discard_staged`]. A reserved version is never assigned again, so a discarded
+    /// round leaves a gap in the numbering.
+    pub async fn stage_adapter(&self, parent_version: Option<u64>) -> Result<u64> {
+        let parent = parent_version
+            .map(|v| codec::to_i64("parent version", v))
+            .transpose()?;
+        let at_ns = now_nanos()?;
+        on_write!(self, |pool, d| {
+            let mut tx = begin_registry!(pool, d);
+            check_parent!(tx, parent, parent_version);
+            // The placeholder texts are replaced when the adapter is published.
+            let version: i64 = sqlx::query_scalar(
+                "INSERT INTO adapters (content_hash, parent_version, path, training_config, \
+                 metrics_summary, status, created_at_ns) \
+                 VALUES ('', $1, '', '{}', '{}', 'staging', $2) RETURNING version",
+            )
+            .bind(parent)
+            .bind(at_ns)
+            .fetch_one(&mut *tx)
+            .await
+            .ctx("reserve an adapter version")?;
+            tx.commit().await.ctx("commit an adapter reservation")?;
+            codec::to_u64("adapter reservation", "version", version)
+        })
+    }
+
+    /// Publishes staged adapter `version` as a [`AdapterStatus::Candidate`] with its files
+    /// and, when given, the learning state its round leaves for the rounds trained from it, in
+    /// one transaction. `adapter.parent_version` must be the one it was staged with.
+    pub async fn publish_adapter(
+        &self,
+        version: u64,
+        adapter: NewAdapter,
+        state: Option<&LearningState>,
+    ) -> Result<AdapterRecord> {
+        let v = codec::to_i64("adapter version", version)?;
+        let new = EncodedAdapter::new(&adapter)?;
+        let state = state.map(EncodedState::new).transpose()?;
+        on_write!(self, |pool, d| {
+            let mut tx = begin_registry!(pool, d);
+            let staged = fetch_adapter!(tx, v).ok_or(StoreError::UnknownAdapter(version))?;
+            if staged.status != AdapterStatus::Staging {
+                return Err(StoreError::InvalidTransition {
+                    version,
+                    from: staged.status,
+                    action: "published (only a staged adapter can be)",
+                });
+            }
+            if staged.parent_version != adapter.parent_version {
+                return Err(StoreError::InvalidArgument(format!(
+                    "adapter v{version} was staged with parent {:?}, not {:?}",
+                    staged.parent_version, adapter.parent_version
+                )));
+            }
+            sqlx::query(
+                "UPDATE adapters SET content_hash = $1, path = $2, training_config = $3, \
+                 metrics_summary = $4, status = 'candidate', created_at_ns = $5 \
+                 WHERE version = $6",
+            )
+            .bind(&adapter.content_hash)
+            .bind(&adapter.path)
+            .bind(&new.config)
+            .bind(&new.metrics)
+            .bind(new.created_at_ns)
+            .bind(v)
+            .execute(&mut *tx)
+            .await
+            .ctx("publish a staged adapter")?;
+            if let Some(state) = &state {
+                sqlx::query(
+                    "INSERT INTO adapter_feedback_state (version, feedback_cursor) VALUES ($1, $2)",
+                )
+                .bind(v)
+                .bind(state.cursor)
+                .execute(&mut *tx)
+                .await
+                .ctx("record an adapter's feedback cursor")?;
+                for (kind, mean, count) in &state.baselines {
+                    sqlx::query(
+                        "INSERT INTO adapter_feedback_baselines (version, kind, mean, count) \
+                         VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(v)
+                    .bind(kind)
+                    .bind(mean)
+                    .bind(count)
+                    .execute(&mut *tx)
+                    .await
+                    .ctx("record an adapter's feedback baseline")?;
+                }
+            }
+            let record = fetch_adapter!(tx, v).ok_or(StoreError::UnknownAdapter(version))?;
+            tx.commit().await.ctx("commit an adapter publication")?;
+            Ok(record)
+        })
+    }
+
+    /// Gives up staged adapter `version` (its round failed or was cancelled): the row is
+    /// deleted, and its version is never assigned again. A version that is not staged is
+    /// refused.
+    pub async fn discard_staged(&self, version: u64) -> Result<()> {
+        let v = codec::to_i64("adapter version", version)?;
+        on_write!(self, |pool, d| {
+            let mut tx = begin_registry!(pool, d);
+            let staged = fetch_adapter!(tx, v).ok_or(StoreError::UnknownAdapter(version))?;
+            if staged.status != AdapterStatus::Staging {
+                return Err(StoreError::InvalidTransition {
+                    version,
+                    from: staged.status,
+                    action: "discarded (only a staged adapter can be)",
+                });
+            }
+            sqlx::query("DELETE FROM adapters WHERE version = $1 AND status = 'staging'")
+                .bind(v)
+                .execute(&mut *tx)
+                .await
+                .ctx("discard a staged adapter")?;
+            tx.commit().await.ctx("commit a discarded reservation")?;
+            Ok(())
+        })
+    }
+
+    /// The versions still staged, oldest first: rounds in progress, or rounds whose process
+    /// died before publishing or discarding them.
+    pub async fn staged_adapters(&self) -> Result<Vec<u64>> {
+        on_read!(self, |pool, _d| {
+            let versions: Vec<i64> = sqlx::query_scalar(
+                "SELECT version FROM adapters WHERE status = 'staging' ORDER BY version",
+            )
+            .fetch_all(pool)
+            .await
+            .ctx("list staged adapters")?;
+            versions
+                .into_iter()
+                .map(|v| codec::to_u64("staged adapter", "version", v))
+                .collect()
+        })
+    }
+
+    /// The learning state the round that produced adapter `version` left for the rounds
+    /// trained from it, or `None` when it left none (an adapter registered by hand). An
+    /// unregistered version is [`StoreError::UnknownAdapter`].
+    pub async fn learning_state(&self, version: u64) -> Result<Option<LearningState>> {
+        let v = codec::to_i64("adapter version", version)?;
+        on_read!(self, |pool, _d| {
+            let mut conn = pool.acquire().await.ctx("acquire a connection")?;
+            let registered: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM adapters WHERE version = $1")
+                    .bind(v)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .ctx("look up an adapter")?;
+            if registered.is_none() {
+                return Err(StoreError::UnknownAdapter(version));
+            }
+            let cursor: Option<i64> = sqlx::query_scalar(
+                "SELECT feedback_cursor FROM adapter_feedback_state WHERE version = $1",
+            )
+            .bind(v)
+            .fetch_optional(&mut *conn)
+            .await
+            .ctx("read an adapter's feedback cursor")?;
+            let Some(cursor) = cursor else {
+                return Ok(None);
+            };
+            let id = format!("adapter {version}");
+            let rows = sqlx::query(
+                "SELECT kind, mean, count FROM adapter_feedback_baselines WHERE version = $1 \
+                 ORDER BY kind",
+            )
+            .bind(v)
+            .fetch_all(&mut *conn)
+            .await
+            .ctx("read an adapter's feedback baselines")?;
+            let mut baselines = BTreeMap::new();
+            for row in &rows {
+                let kind: String = col!(row, "kind");
+                let mean: f64 = col!(row, "mean");
+                let count: i64 = col!(row, "count");
+                if !mean.is_finite() {
+                    return Err(StoreError::CorruptRecord {
+                        id,
+                        detail: format!("the feedback baseline of kind '{kind}' is {mean}"),
+                    });
+                }
+                let count = codec::to_u64(&id, "feedback baseline count", count)?;
+                baselines.insert(kind, RunningMean { mean, count });
+            }
+            Ok(Some(LearningState {
+                feedback_cursor: Cursor::from_stored(&id, cursor)?,
+                baselines,
+            }))
         })
     }
 

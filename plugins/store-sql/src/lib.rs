@@ -113,7 +113,10 @@ mod query;
 mod schema;
 mod store;
 
-pub use adapters::{AdapterRecord, AdapterStatus, NewAdapter, PromotionAction, PromotionEvent};
+pub use adapters::{
+    AdapterRecord, AdapterStatus, LearningState, NewAdapter, PromotionAction, PromotionEvent,
+    RunningMean,
+};
 pub use error::{Result, StoreError};
 pub use export::{ExportRecord, ExportReward, ExportTask};
 pub use query::{

@@ -346,6 +346,22 @@ pub struct Cursor(i64);
 impl Cursor {
     /// Before every change.
     pub const START: Cursor = Cursor(0);
+
+    /// The value stored in a database column.
+    pub(crate) fn to_stored(self) -> i64 {
+        self.0
+    }
+
+    /// A cursor read back from a column of record `id`; a negative value is corrupt.
+    pub(crate) fn from_stored(id: &str, value: i64) -> Result<Self> {
+        if value < 0 {
+            return Err(StoreError::CorruptRecord {
+                id: id.to_string(),
+                detail: format!("the feedback cursor is {value}"),
+            });
+        }
+        Ok(Self(value))
+    }
 }
 
 impl fmt::Display for Cursor {

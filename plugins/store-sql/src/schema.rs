@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The newest schema version this build writes and reads.
-pub(crate) const LATEST_VERSION: i64 = 1;
+pub(crate) const LATEST_VERSION: i64 = 2;
 
 /// The table recording applied migrations; its presence marks a database as a searchloop store.
 const SCHEMA_TABLE: &str = "searchloop_schema";
@@ -38,12 +38,38 @@ struct Migration {
 }
 
 /// Every migration, oldest first. Never edit a released script: append a new version.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "trajectories, reward ledger, training groups, adapter registry",
-    sqlite: SQLITE_V1,
-    postgres: POSTGRES_V1,
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "trajectories, reward ledger, training groups, adapter registry",
+        sqlite: SQLITE_V1,
+        postgres: POSTGRES_V1,
+    },
+    Migration {
+        version: 2,
+        description: "staged adapter versions; typed feedback cursor and baselines per adapter",
+        sqlite: SQLITE_V2,
+        postgres: POSTGRES_V2,
+    },
+];
+
+/// Version 2 for SQLite: the `staging` status (a version reserved before its round writes
+/// the files named after it), and the learning state a round leaves for the rounds trained
+/// from its adapter in typed tables instead of keys of its `training_config` JSON. Existing
+/// state is carried over and its keys removed; a value of the wrong type fails the migration
+/// on the new tables' checks rather than being read as a default.
+///
+/// SQLite cannot change a CHECK constraint in place, so the adapters table is rebuilt (the
+/// documented create-copy-drop-rename procedure); [`migrate_sqlite`] turns foreign key
+/// enforcement off around it, so that dropping the old table cascades to nothing, and checks
+/// every reference before committing. The AUTOINCREMENT high-water mark is carried over, so a
+/// version is never reused.
+const SQLITE_V2: &str = include_str!("../migrations/sqlite/0002_staging_and_learning_state.sql");
+
+/// Version 2 for PostgreSQL: the same change; PostgreSQL alters the CHECK constraint in place,
+/// and its casts fail the migration on a value of the wrong type.
+const POSTGRES_V2: &str =
+    include_str!("../migrations/postgres/0002_staging_and_learning_state.sql");
 
 /// Version 1 for SQLite. Small columns come first: SQLite stores a row's columns in order, and a
 /// query that filters on metadata then never reads the blobs and long texts (in overflow pages)
@@ -51,170 +77,11 @@ const MIGRATIONS: &[Migration] = &[Migration {
 /// retention deletes the newest rows. A training group's `change_seq` is NULL while it has
 /// changes no sequencing round has numbered yet; `store_counters` remembers the last number given
 /// (the PostgreSQL schema uses a sequence).
-const SQLITE_V1: &str = r#"
-PRAGMA application_id = 1397510996;
-CREATE TABLE trajectories (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    created_at_ns INTEGER NOT NULL,
-    group_key TEXT NOT NULL,
-    group_id TEXT,
-    adapter_version INTEGER,
-    task_id TEXT,
-    task_kind TEXT,
-    task_split TEXT CHECK (task_split IN ('train', 'heldout')),
-    model_id TEXT NOT NULL,
-    episode_end TEXT NOT NULL,
-    turns INTEGER NOT NULL,
-    started_at_ns INTEGER,
-    model_ms REAL NOT NULL,
-    tool_ms REAL NOT NULL,
-    total_ms REAL NOT NULL,
-    answer TEXT,
-    gold_answers TEXT,
-    question TEXT NOT NULL,
-    sampling TEXT NOT NULL,
-    segments BLOB NOT NULL,
-    tool_calls TEXT NOT NULL,
-    prompt_text TEXT NOT NULL,
-    response_text TEXT NOT NULL,
-    tokens BLOB NOT NULL,
-    logprobs BLOB NOT NULL
-);
-CREATE INDEX trajectories_group_key ON trajectories (group_key);
-CREATE INDEX trajectories_created ON trajectories (created_at_ns);
-CREATE INDEX trajectories_task ON trajectories (task_split, task_id);
-CREATE TABLE rewards (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    trajectory_seq INTEGER NOT NULL REFERENCES trajectories (seq) ON DELETE CASCADE,
-    source TEXT NOT NULL,
-    value REAL NOT NULL,
-    weight REAL NOT NULL,
-    at_ns INTEGER NOT NULL,
-    idempotency_key TEXT,
-    origin TEXT NOT NULL CHECK (origin IN ('episode', 'feedback')),
-    UNIQUE (trajectory_seq, idempotency_key)
-);
-CREATE TABLE trajectory_groups (
-    group_key TEXT PRIMARY KEY,
-    change_seq INTEGER
-);
-CREATE INDEX trajectory_groups_change ON trajectory_groups (change_seq);
-CREATE INDEX trajectory_groups_dirty ON trajectory_groups (group_key) WHERE change_seq IS NULL;
-CREATE TABLE store_counters (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT INTO store_counters (name, value) VALUES ('group_changes', 0);
-CREATE TABLE adapters (
-    version INTEGER PRIMARY KEY AUTOINCREMENT,
-    content_hash TEXT NOT NULL,
-    parent_version INTEGER REFERENCES adapters (version),
-    path TEXT NOT NULL,
-    training_config TEXT NOT NULL,
-    metrics_summary TEXT NOT NULL,
-    eval_results TEXT,
-    status TEXT NOT NULL
-        CHECK (status IN ('candidate', 'promoted', 'superseded', 'rejected', 'rolled_back')),
-    status_reason TEXT,
-    created_at_ns INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX adapters_one_promoted ON adapters (status) WHERE status = 'promoted';
-CREATE TABLE promotions (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    version INTEGER REFERENCES adapters (version),
-    action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
-    reason TEXT,
-    at_ns INTEGER NOT NULL
-);
-CREATE TABLE eval_refs (
-    adapter_version INTEGER NOT NULL REFERENCES adapters (version) ON DELETE CASCADE,
-    trajectory_seq INTEGER NOT NULL REFERENCES trajectories (seq) ON DELETE CASCADE,
-    PRIMARY KEY (adapter_version, trajectory_seq)
-);
-CREATE INDEX eval_refs_trajectory ON eval_refs (trajectory_seq);
-"#;
+const SQLITE_V1: &str = include_str!("../migrations/sqlite/0001_store.sql");
 
 /// Version 1 for PostgreSQL: the same tables with native types (identity columns, BYTEA,
 /// DOUBLE PRECISION, BIGINT everywhere so both backends decode to `i64`).
-const POSTGRES_V1: &str = r#"
-CREATE TABLE trajectories (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    created_at_ns BIGINT NOT NULL,
-    group_key TEXT NOT NULL,
-    group_id TEXT,
-    adapter_version BIGINT,
-    task_id TEXT,
-    task_kind TEXT,
-    task_split TEXT CHECK (task_split IN ('train', 'heldout')),
-    model_id TEXT NOT NULL,
-    episode_end TEXT NOT NULL,
-    turns BIGINT NOT NULL,
-    started_at_ns BIGINT,
-    model_ms DOUBLE PRECISION NOT NULL,
-    tool_ms DOUBLE PRECISION NOT NULL,
-    total_ms DOUBLE PRECISION NOT NULL,
-    answer TEXT,
-    gold_answers TEXT,
-    question TEXT NOT NULL,
-    sampling TEXT NOT NULL,
-    segments BYTEA NOT NULL,
-    tool_calls TEXT NOT NULL,
-    prompt_text TEXT NOT NULL,
-    response_text TEXT NOT NULL,
-    tokens BYTEA NOT NULL,
-    logprobs BYTEA NOT NULL
-);
-CREATE INDEX trajectories_group_key ON trajectories (group_key);
-CREATE INDEX trajectories_created ON trajectories (created_at_ns);
-CREATE INDEX trajectories_task ON trajectories (task_split, task_id);
-CREATE TABLE rewards (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    trajectory_seq BIGINT NOT NULL REFERENCES trajectories (seq) ON DELETE CASCADE,
-    source TEXT NOT NULL,
-    value DOUBLE PRECISION NOT NULL,
-    weight DOUBLE PRECISION NOT NULL,
-    at_ns BIGINT NOT NULL,
-    idempotency_key TEXT,
-    origin TEXT NOT NULL CHECK (origin IN ('episode', 'feedback')),
-    UNIQUE (trajectory_seq, idempotency_key)
-);
-CREATE TABLE trajectory_groups (
-    group_key TEXT PRIMARY KEY,
-    change_seq BIGINT
-);
-CREATE INDEX trajectory_groups_change ON trajectory_groups (change_seq);
-CREATE INDEX trajectory_groups_dirty ON trajectory_groups (group_key) WHERE change_seq IS NULL;
-CREATE SEQUENCE trajectory_group_changes;
-CREATE TABLE adapters (
-    version BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    content_hash TEXT NOT NULL,
-    parent_version BIGINT REFERENCES adapters (version),
-    path TEXT NOT NULL,
-    training_config TEXT NOT NULL,
-    metrics_summary TEXT NOT NULL,
-    eval_results TEXT,
-    status TEXT NOT NULL
-        CHECK (status IN ('candidate', 'promoted', 'superseded', 'rejected', 'rolled_back')),
-    status_reason TEXT,
-    created_at_ns BIGINT NOT NULL
-);
-CREATE UNIQUE INDEX adapters_one_promoted ON adapters (status) WHERE status = 'promoted';
-CREATE TABLE promotions (
-    seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    version BIGINT REFERENCES adapters (version),
-    action TEXT NOT NULL CHECK (action IN ('promote', 'rollback')),
-    reason TEXT,
-    at_ns BIGINT NOT NULL
-);
-CREATE TABLE eval_refs (
-    adapter_version BIGINT NOT NULL REFERENCES adapters (version) ON DELETE CASCADE,
-    trajectory_seq BIGINT NOT NULL REFERENCES trajectories (seq) ON DELETE CASCADE,
-    PRIMARY KEY (adapter_version, trajectory_seq)
-);
-CREATE INDEX eval_refs_trajectory ON eval_refs (trajectory_seq);
-"#;
+const POSTGRES_V1: &str = include_str!("../migrations/postgres/0001_store.sql");
 
 /// What a SQLite file looked like before the store touched it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,6 +324,13 @@ pub(crate) async fn migrate_sqlite(conn: &mut SqliteConnection, path: &Path) -> 
             reason: format!("SQLite refused WAL mode (journal mode is '{mode}')"),
         });
     }
+    // Off for the migration's connection only (it cannot change inside a transaction): a
+    // migration that rebuilds a table must not cascade the old table's drop to the rows that
+    // reference it. The references are checked before the commit instead.
+    sqlx::query("PRAGMA foreign_keys = OFF")
+        .execute(&mut *conn)
+        .await
+        .ctx(&format!("prepare {location} for migration"))?;
     let mut tx = conn
         .begin_with("BEGIN IMMEDIATE")
         .await
@@ -475,6 +349,16 @@ pub(crate) async fn migrate_sqlite(conn: &mut SqliteConnection, path: &Path) -> 
         |m| m.sqlite,
     )
     .await?;
+    let broken: Vec<String> = sqlx::query_scalar("SELECT \"table\" FROM pragma_foreign_key_check")
+        .fetch_all(&mut *tx)
+        .await
+        .ctx(&format!("check the references of {location}"))?;
+    if !broken.is_empty() {
+        return Err(StoreError::InvalidLocation {
+            location,
+            reason: format!("the migration would leave broken references in {broken:?}"),
+        });
+    }
     tx.commit()
         .await
         .ctx(&format!("commit the migration of {location}"))

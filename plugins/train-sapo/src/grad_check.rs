@@ -4,10 +4,10 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::gguf::{Architecture, LlamaConfig};
-use crate::lora::{LoraAdapter, LoraConfig, TargetModule};
 use crate::loss::{LossConfig, PolicyLossInputs, policy_loss};
-use crate::model::Llama;
+use searchloop_llama::Llama;
+use searchloop_llama::{Architecture, LlamaConfig};
+use searchloop_llama::{LoraAdapter, LoraConfig, TargetModule};
 
 fn tiny(architecture: Architecture) -> LlamaConfig {
     LlamaConfig {

@@ -890,7 +890,7 @@ mod tests {
                 .unwrap();
         let target = 2usize;
         let grad_for = |w: f64| -> (f32, f32) {
-            let logp_all = crate::model::log_softmax_last(logits.as_tensor()).unwrap();
+            let logp_all = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
             let logp = logp_all
                 .narrow(D::Minus1, target, 1)
                 .unwrap()

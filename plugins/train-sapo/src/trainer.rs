@@ -16,13 +16,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
-use crate::lora::LoraAdapter;
 use crate::loss::{
     AdvantageConfig, LossConfig, LossMetrics, LossNormalizer, PolicyLossInputs, group_advantages,
     policy_loss,
 };
-use crate::model::{Llama, TokenStats};
-use crate::pack::{PackedSequences, common_prefix};
+use searchloop_llama::LoraAdapter;
+use searchloop_llama::pack::{PackedSequences, common_prefix};
+use searchloop_llama::{Llama, TokenStats};
 
 /// One logged episode, flattened to what the trainer needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -602,8 +602,9 @@ impl Trainer {
         adapter: Option<&LoraAdapter>,
     ) -> Result<TokenStats> {
         let scored: Vec<&[bool]> = idx.iter().map(|&i| data[i].mask.as_slice()).collect();
-        self.model
-            .packed_token_logprobs(&batch.pack, &scored, adapter, &batch.temperatures)
+        Ok(self
+            .model
+            .packed_token_logprobs(&batch.pack, &scored, adapter, &batch.temperatures)?)
     }
 
     /// Packs a micro-batch's sequences and right-pads its per-token values into tensors.
@@ -735,10 +736,9 @@ fn validate(i: usize, s: &TrainSequence, vocab: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{Architecture, LlamaConfig};
-    use crate::lora::{LoraConfig, TargetModule};
-    use crate::model::log_softmax_last;
-    use crate::sample::{SampleParams, sample};
+    use searchloop_llama::sample::{SampleParams, sample};
+    use searchloop_llama::{Architecture, LlamaConfig};
+    use searchloop_llama::{LoraConfig, TargetModule};
 
     const PROMPT: [u32; 3] = [1, 2, 3];
 
@@ -775,7 +775,7 @@ mod tests {
         let ids = Tensor::new(&[PROMPT], &Device::Cpu).unwrap();
         let logits = t.model().forward(&ids, None, Some(t.adapter())).unwrap();
         let last = logits.narrow(1, 2, 1).unwrap().flatten_all().unwrap();
-        log_softmax_last(&last)
+        candle_nn::ops::log_softmax(&last, candle_core::D::Minus1)
             .unwrap()
             .exp()
             .unwrap()

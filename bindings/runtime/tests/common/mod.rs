@@ -17,16 +17,15 @@ use std::{
 use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use searchloop_core::{EpisodeRequest, Policy, Split, TaskInfo, scripted::ScriptedPolicy};
-use searchloop_examples::retail::{self, GeneratorConfig, Question};
+use searchloop_demo::retail::{self, GeneratorConfig, Question};
+use searchloop_llama::{GgufFile, LoraAdapter, LoraConfig, MergeEncoding, merge_into_gguf};
+use searchloop_loop::{RoundCandidate, RoundJob, RoundRunner};
 use searchloop_runtime::{
     AppConfig, PolicyLoader, SchedulerConfig,
     config::{CatalogSection, ToolSection},
-    scheduler::{RoundCandidate, RoundJob, RoundRunner},
 };
 use searchloop_store_sql::{AdapterRecord, NewAdapter, Store};
-use searchloop_train_sapo::{
-    GgufFile, LoraAdapter, LoraConfig, MergeEncoding, StepMetrics, TrainReport, merge_into_gguf,
-};
+use searchloop_train_sapo::{StepMetrics, TrainReport};
 
 /// The embedded default model: `$SEARCHLOOP_MODEL`, else the cache the project's test script
 /// fills. Fails the test with a clear message when it is missing.
@@ -128,7 +127,7 @@ impl Workspace {
     }
 }
 
-/// Writes a candidate adapter's folder (`<adapters_dir>/<name>/merged.gguf`, the layout the
+/// Writes a candidate adapter's folder (the PEFT files and `merged.gguf`, the layout the
 /// registry and searchloop-learn share) by merging a LoRA into the base model. `damage` sets
 /// every `B` factor to normal noise of that standard deviation (a wrecked model); `None` keeps
 /// `B` at zero, so the merged model computes exactly what the base does.
@@ -143,7 +142,12 @@ pub fn write_candidate(base: &Path, folder: &Path, damage: Option<f32>) -> PathB
             pair.b.set(&noise).unwrap();
         }
     }
-    let merged = folder.join(searchloop_runtime::adapters::MERGED_FILE);
+    // A complete adapter folder: the PEFT files a round trains on from it, and the merged model
+    // that serves it.
+    adapter
+        .save_peft(folder, "HuggingFaceTB/SmolLM2-135M-Instruct")
+        .unwrap();
+    let merged = folder.join(searchloop_loop::adapters::MERGED_FILE);
     merge_into_gguf(base, &adapter, &merged, MergeEncoding::F32).unwrap();
     merged
 }
@@ -212,7 +216,7 @@ impl PolicyLoader for ScriptedLoader {
         &self,
         merged: Option<&Path>,
         version: Option<u64>,
-    ) -> searchloop_runtime::Result<Arc<dyn Policy>> {
+    ) -> searchloop_loop::Result<Arc<dyn Policy>> {
         if let Some(path) = merged {
             assert!(path.is_file(), "{} is not a file", path.display());
         }
@@ -240,11 +244,7 @@ impl PolicyLoader for ScriptedLoader {
 /// Writes an empty stand-in for a merged model: enough for a [`ScriptedLoader`].
 pub fn write_stub_candidate(folder: &Path) {
     std::fs::create_dir_all(folder).unwrap();
-    std::fs::write(
-        folder.join(searchloop_runtime::adapters::MERGED_FILE),
-        b"GGUF",
-    )
-    .unwrap();
+    std::fs::write(folder.join(searchloop_loop::adapters::MERGED_FILE), b"GGUF").unwrap();
 }
 
 /// One optimizer step's metrics with the given ratio mean, fraction of positive-advantage tokens
@@ -330,7 +330,7 @@ impl CraftedRound {
 
 #[async_trait]
 impl RoundRunner for CraftedRound {
-    async fn run(&self, job: &RoundJob) -> searchloop_runtime::Result<RoundCandidate> {
+    async fn run(&self, job: &RoundJob) -> searchloop_loop::Result<RoundCandidate> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         if self.wait_for_cancel {
             let held = vec![1u8; self.hold_bytes];
@@ -341,7 +341,7 @@ impl RoundRunner for CraftedRound {
                 held.iter().map(|b| *b as usize).sum::<usize>(),
                 self.hold_bytes
             );
-            return Err(searchloop_runtime::RuntimeError::RoundCancelled);
+            return Err(searchloop_loop::LoopError::RoundCancelled);
         }
         let n = job.store.list_adapters().await?.len() + 1;
         let folder = job.adapters_dir.join(format!("crafted-{n}"));

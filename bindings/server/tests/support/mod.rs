@@ -10,7 +10,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use searchloop_core::{
     Agent, AgentConfig, PolicySlot, Tool, ToolError, ToolRegistry, scripted::ScriptedPolicy,
 };
-use searchloop_examples::retail::{self, GeneratorConfig, RetailDataset};
+use searchloop_demo::retail::{self, GeneratorConfig, RetailDataset};
 use searchloop_runtime::{
     AppConfig,
     config::{CatalogSection, StoreSection, ToolSection},

@@ -20,8 +20,9 @@ use searchloop_core::{
     Agent, AgentConfig, ChatMessage, FinishReason, Policy, PolicySlot, ProtocolConfig, Sample,
     SamplingParams, Tool, ToolError, ToolRegistry, TrajectorySink,
 };
+use searchloop_llama::sample::{SampleParams, sample};
+use searchloop_llama::{Architecture, Llama, LlamaConfig};
 use searchloop_store_sql::Store;
-use searchloop_train_sapo::{Architecture, Llama, LlamaConfig, SampleParams, sample};
 use serde::Deserialize;
 
 /// The symbols of the tiny model's vocabulary; id = position. Any other character is read as

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -14,7 +13,7 @@ use searchloop_core::{
     DynTool, ToolError,
     conformance::{ConformanceConfig, check_tool},
 };
-use searchloop_examples::retail::{GeneratorConfig, QuestionKind, RetailDataset, generate};
+use searchloop_demo::retail::{GeneratorConfig, QuestionKind, RetailDataset, generate};
 use searchloop_search_sql::{InventoryConfig, InventoryTool, SqlError};
 use serde_json::json;
 use sqlx::{Connection, postgres::PgConnection, sqlite::SqliteConnection};
@@ -36,13 +35,10 @@ pub fn dataset() -> &'static Dataset {
     })
 }
 
-pub fn configs_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs")
-}
-
-/// The shipped retail config, pointed at `database`.
+/// The demo's inventory config, pointed at `database`.
 pub fn retail_config(database: &str) -> InventoryConfig {
-    let mut config = InventoryConfig::from_toml_file(&configs_dir().join("retail.toml")).unwrap();
+    let mut config =
+        InventoryConfig::from_toml_str(searchloop_demo::INVENTORY_CONFIG_TOML).unwrap();
     config.database = database.to_string();
     config
 }
@@ -500,7 +496,7 @@ params = [{ name = "sku", type = "string" }]
 
 /// Seeding again replaces the data instead of duplicating it.
 pub async fn check_reseeding_is_idempotent(url: &str) {
-    let report = searchloop_search_sql::seed_retail_inventory(url, dataset().dir.path())
+    let report = searchloop_demo::seed_retail_inventory(url, dataset().dir.path())
         .await
         .unwrap();
     let expected = expected_fingerprint();
