@@ -1,13 +1,13 @@
 //! Example binary that writes the seeded retail data set (catalog, stores, stock, questions).
 //!
 //! `cargo run --release -p searchloop-examples --example gen-retail -- --out DIR [--seed 42]
-//! [--products 2400] [--heldout-fraction 0.25]`
+//! [--products 2400] [--heldout-fraction 0.25] [--alternate]`
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use searchloop_demo::retail::{GeneratorConfig, QuestionKind, Split, generate};
+use searchloop_demo::retail::{GeneratorConfig, QuestionKind, Split, Vocabulary, generate};
 
 /// Generate the retail data set: the same seed always writes byte-identical files.
 #[derive(Debug, Parser)]
@@ -25,6 +25,10 @@ struct Args {
     /// Share of each question kind held out for evaluation.
     #[arg(long, default_value_t = 0.25)]
     heldout_fraction: f64,
+    /// Draw product names and cities from the alternate vocabulary (none of the standard
+    /// catalog's), for generalization checks.
+    #[arg(long)]
+    alternate: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +43,11 @@ fn main() -> anyhow::Result<()> {
         seed: args.seed,
         products: args.products,
         heldout_fraction: args.heldout_fraction,
+        vocabulary: if args.alternate {
+            Vocabulary::Alternate
+        } else {
+            Vocabulary::Retail
+        },
     });
     // `generate` keeps only verified questions; checking again guards the files as written.
     dataset

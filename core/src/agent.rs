@@ -31,6 +31,10 @@ pub struct EpisodeRewardWeights {
     pub f1: f64,
     /// Weight of the format reward (1 for a well-formed answer).
     pub format: f64,
+    /// Weight of the tool-choice reward (1 when the episode called every tool its task
+    /// names); recorded only for tasks that name their tools and a positive weight. Kept small
+    /// beside exact match, so calling the right tool cannot stand in for the right answer.
+    pub tool_choice: f64,
 }
 
 impl Default for EpisodeRewardWeights {
@@ -39,6 +43,7 @@ impl Default for EpisodeRewardWeights {
             exact_match: 1.0,
             f1: 0.5,
             format: 0.1,
+            tool_choice: 0.0,
         }
     }
 }
@@ -462,6 +467,19 @@ impl Agent {
                 source::F1,
                 f1_score(answer, &task.gold_answers),
                 w.f1,
+            ));
+        }
+        if let Some(task) = t.task.as_ref().filter(|task| !task.tools.is_empty())
+            && w.tool_choice > 0.0
+        {
+            rewards.push(RewardEntry::now(
+                source::TOOL_CHOICE,
+                if t.called_every_tool(&task.tools) {
+                    1.0
+                } else {
+                    0.0
+                },
+                w.tool_choice,
             ));
         }
         rewards

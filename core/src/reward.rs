@@ -17,6 +17,8 @@ pub mod source {
     pub const F1: &str = "f1";
     /// 1 when the episode ended with a well-formed answer.
     pub const FORMAT: &str = "format";
+    /// 1 when the episode called every tool its task names (recorded only when it names some).
+    pub const TOOL_CHOICE: &str = "tool_choice";
 }
 
 /// One entry of a trajectory's reward ledger.

@@ -116,6 +116,10 @@ pub struct TaskInfo {
     pub split: Split,
     /// A free label (single_hop, inventory, ...).
     pub kind: String,
+    /// The tools a good episode calls to answer it (empty: not said); the agent's tool-choice
+    /// reward reads them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
 }
 
 /// Where the time of an episode went.
@@ -183,6 +187,13 @@ pub struct Trajectory {
 }
 
 impl Trajectory {
+    /// Whether the episode called every tool in `tools` at least once.
+    pub fn called_every_tool(&self, tools: &[String]) -> bool {
+        tools
+            .iter()
+            .all(|tool| self.tool_calls.iter().any(|call| &call.tool == tool))
+    }
+
     /// Per token: whether it is trained (a model token).
     pub fn loss_mask(&self) -> Vec<bool> {
         let mut mask = vec![false; self.tokens.len()];

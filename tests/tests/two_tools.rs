@@ -134,6 +134,7 @@ async fn scripted_episode(
                 gold_answers: gold.clone(),
                 split: Split::Train,
                 kind: kind.into(),
+                tools: Vec::new(),
             }),
             ..EpisodeRequest::default()
         })

@@ -58,20 +58,22 @@ file = "help.toml"
 url = "searchloop.db"
 "#;
 
-/// Creates the work folder's data set and config when missing, and returns the config path.
-pub async fn prepare_workdir(workdir: &Path, seed: u64) -> anyhow::Result<PathBuf> {
+/// Creates the work folder's data set (generated as `data` says) and config when missing, and
+/// returns the config path.
+pub async fn prepare_workdir(
+    workdir: &Path,
+    data_set: &GeneratorConfig,
+) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(workdir)
         .with_context(|| format!("cannot create the work folder {}", workdir.display()))?;
     let data = workdir.join("data");
     if !data.join("questions.jsonl").is_file() {
         eprintln!(
-            "generating the retail data set (seed {seed}) in {}",
+            "generating the retail data set (seed {}) in {}",
+            data_set.seed,
             data.display()
         );
-        let dataset = retail::generate(&GeneratorConfig {
-            seed,
-            ..GeneratorConfig::default()
-        });
+        let dataset = retail::generate(data_set);
         dataset.write_to(&data)?;
     }
     let inventory = workdir.join("inventory.db");
@@ -107,6 +109,7 @@ pub fn task_info(question: &Question) -> TaskInfo {
             retail::Split::Heldout => Split::Heldout,
         },
         kind: question.kind.as_str().to_string(),
+        tools: question.tools.clone(),
     }
 }
 
@@ -125,7 +128,11 @@ pub async fn start_help_center(workdir: &Path) -> anyhow::Result<RunningHelpCent
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs, device: Option<Device>) -> anyhow::Result<()> {
-    let config_path = prepare_workdir(&args.workdir, args.seed).await?;
+    let data_set = GeneratorConfig {
+        seed: args.seed,
+        ..GeneratorConfig::default()
+    };
+    let config_path = prepare_workdir(&args.workdir, &data_set).await?;
     let _help_center = start_help_center(&args.workdir).await?;
     let config = crate::load_config(&config_path, device)?;
     let questions = retail::read_questions(&args.workdir.join("data").join("questions.jsonl"))?;

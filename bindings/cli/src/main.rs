@@ -12,6 +12,7 @@ use searchloop_runtime::{AppConfig, Runtime};
 
 mod adapters_cmd;
 mod demo;
+mod learn_cmd;
 mod serve_cmd;
 mod store_cmd;
 mod train_cmd;
@@ -54,6 +55,11 @@ enum Command {
     /// questions with the embedded default model, print its searches and answers, and score
     /// them (EM/F1).
     Demo(demo::DemoArgs),
+    /// Show the agent learning: closed-loop rounds (replay groups, training, the eval gate,
+    /// promotion) on the demo's data set for each policy loss and seed, with the served
+    /// model's held-out scores per question kind after each round, a catalog it never saw
+    /// evaluated before and after, and a report with learning curves. Resumes after a kill.
+    Learn(learn_cmd::LearnArgs),
     /// Build or update the catalog index of every catalog tool in the config.
     Index {
         /// Index these JSONL or CSV files (upsert by SKU) instead of the configured ones.
@@ -129,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => tokio_runtime()?.block_on(demo::run(args, device)),
+        Command::Learn(args) => tokio_runtime()?.block_on(learn_cmd::run(args, device)),
         Command::Index { files, rebuild } => index(&config()?, &files, rebuild),
         Command::Ask { question } => tokio_runtime()?.block_on(ask(config()?, &question)),
         Command::Feedback(args) => tokio_runtime()?.block_on(store_cmd::feedback(&config()?, args)),

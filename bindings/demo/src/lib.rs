@@ -20,6 +20,6 @@ pub use error::{DemoError, Result};
 pub use inventory::{INVENTORY_CONFIG_TOML, SeedReport, seed_retail_inventory};
 pub use retail::{
     DatasetFiles, GeneratorConfig, Hours, Product, Question, QuestionKind, RetailDataset, Split,
-    StockRow, Store, StoreHours, generate, read_products_csv, read_products_jsonl, read_questions,
-    read_stock_jsonl, read_stores_jsonl,
+    StockRow, Store, StoreHours, Vocabulary, generate, read_products_csv, read_products_jsonl,
+    read_questions, read_stock_jsonl, read_stores_jsonl,
 };

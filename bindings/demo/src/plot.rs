@@ -155,6 +155,7 @@ pub fn plot_metrics(metrics: &[PathBuf], out: &Path) -> Result<Curves> {
                 .map(|name| Series {
                     label: (*name).to_string(),
                     points: curves.points(name).to_vec(),
+                    band: Vec::new(),
                 })
                 .collect(),
         })
@@ -164,12 +165,15 @@ pub fn plot_metrics(metrics: &[PathBuf], out: &Path) -> Result<Curves> {
 }
 
 /// One labelled curve of a panel.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Series {
     /// The legend's name for it.
     pub label: String,
     /// Its points, in x order; none draws nothing.
     pub points: Vec<(f64, f64)>,
+    /// A shaded band around the curve, `(x, low, high)` in x order (the spread over seeds,
+    /// say); empty draws none.
+    pub band: Vec<(f64, f64, f64)>,
 }
 
 /// One chart: a title, the x axis's name, and its curves.
@@ -184,7 +188,7 @@ pub struct Panel {
 }
 
 /// Draws `panels` on a `(rows, columns)` grid into `out` (`.svg` or `.png`), every x axis
-/// running from 1 to `x_max`: the comparison plots of benchmarks (one curve per run, one point
+/// running from 1 (or the earliest point's x, when lower) to `x_max`: the comparison plots of benchmarks (one curve per run, one point
 /// per round) use it as the metrics plot does.
 pub fn draw_panels(panels: &[Panel], grid: (usize, usize), x_max: f64, out: &Path) -> Result<()> {
     embedded_font().map_err(|reason| DemoError::Plot {
@@ -246,13 +250,25 @@ fn panel<DB: DrawingBackend>(
     p: &Panel,
     x_max: f64,
 ) -> Result<(), String> {
-    let (lo, hi) = y_range(p.series.iter().flat_map(|s| &s.points).map(|p| p.1));
+    // The axis starts at 1 (the first step or round) unless a curve has an earlier point (a
+    // round 0, the model before training).
+    let x_min = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(1.0, f64::min);
+    let (lo, hi) = y_range(p.series.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .map(|p| p.1)
+            .chain(s.band.iter().flat_map(|b| [b.1, b.2]))
+    }));
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(28)
         .y_label_area_size(56)
-        .build_cartesian_2d(1.0..x_max, lo..hi)
+        .build_cartesian_2d(x_min..x_max, lo..hi)
         .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
@@ -265,6 +281,20 @@ fn panel<DB: DrawingBackend>(
             continue;
         }
         let color = Palette99::pick(k).to_rgba();
+        if !series.band.is_empty() {
+            let outline: Vec<(f64, f64)> = series
+                .band
+                .iter()
+                .map(|&(x, _, high)| (x, high))
+                .chain(series.band.iter().rev().map(|&(x, low, _)| (x, low)))
+                .collect();
+            chart
+                .draw_series(std::iter::once(Polygon::new(
+                    outline,
+                    color.mix(0.2).filled(),
+                )))
+                .map_err(|e| e.to_string())?;
+        }
         chart
             .draw_series(LineSeries::new(
                 series.points.iter().copied(),
@@ -375,6 +405,7 @@ mod tests {
         let series = |label: &str, y: f64| Series {
             label: label.to_string(),
             points: vec![(1.0, y), (2.0, y + 0.1)],
+            band: vec![(1.0, y - 0.05, y + 0.05), (2.0, y + 0.05, y + 0.15)],
         };
         let panels = [Panel {
             title: "held-out EM".into(),

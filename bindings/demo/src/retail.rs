@@ -38,8 +38,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use vocab::{
-    AttrKind, AttrSpec, CATEGORIES, CategorySpec, LAPTOP_ALTS, LAPTOP_FORMAT, LAPTOPS, LITRES_ALTS,
-    LITRES_FORMAT, NAME_FIRST, NAME_SECOND, STORES, STREETS,
+    ALT_NAME_FIRST, ALT_NAME_SECOND, ALT_STORES, AttrKind, AttrSpec, CATEGORIES, CategorySpec,
+    LAPTOP_ALTS, LAPTOP_FORMAT, LAPTOPS, LITRES_ALTS, LITRES_FORMAT, NAME_FIRST, NAME_SECOND,
+    STORES, STREETS,
 };
 
 /// Single-hop questions the generator aims for.
@@ -277,6 +278,8 @@ pub struct GeneratorConfig {
     pub products: usize,
     /// Share of each question kind held out for evaluation, in `[0, 1]`.
     pub heldout_fraction: f64,
+    /// The words product names are made of, and the stores' cities.
+    pub vocabulary: Vocabulary,
 }
 
 impl Default for GeneratorConfig {
@@ -285,6 +288,37 @@ impl Default for GeneratorConfig {
             seed: 42,
             products: 2400,
             heldout_fraction: 0.25,
+            vocabulary: Vocabulary::Retail,
+        }
+    }
+}
+
+/// The words a catalog's product names are drawn from, and its stores' cities.
+///
+/// The alternate vocabulary shares no name word and no city with the standard one: a model
+/// trained on one catalog and evaluated on a catalog of the other has seen none of its product
+/// names or stores, only the kinds of question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Vocabulary {
+    /// The standard retail vocabulary.
+    #[default]
+    Retail,
+    /// A disjoint vocabulary, for generalization checks.
+    Alternate,
+}
+
+impl Vocabulary {
+    fn name_words(self) -> (&'static [&'static str], &'static [&'static str]) {
+        match self {
+            Vocabulary::Retail => (NAME_FIRST, NAME_SECOND),
+            Vocabulary::Alternate => (ALT_NAME_FIRST, ALT_NAME_SECOND),
+        }
+    }
+
+    fn stores(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Vocabulary::Retail => STORES,
+            Vocabulary::Alternate => ALT_STORES,
         }
     }
 }
@@ -334,8 +368,8 @@ impl DatasetFiles {
 ///
 /// Every question is verified against the catalog and stock before it is kept.
 pub fn generate(config: &GeneratorConfig) -> RetailDataset {
-    let mut products = generate_products(config.seed, config.products);
-    let stores = generate_stores(config.seed);
+    let mut products = generate_products(config.seed, config.products, config.vocabulary);
+    let stores = generate_stores(config.seed, config.vocabulary);
     let stock = generate_stock(config.seed, &mut products, &stores);
     let mut dataset = RetailDataset {
         products,
@@ -626,14 +660,14 @@ fn article(word: &str) -> &'static str {
     }
 }
 
-fn generate_products(seed: u64, count: usize) -> Vec<Product> {
+fn generate_products(seed: u64, count: usize, vocabulary: Vocabulary) -> Vec<Product> {
     let mut rng = stage_rng(seed, 1);
     let mut taken = BTreeSet::new();
     let mut products = Vec::with_capacity(count);
     for i in 0..count {
         // Dealing products round-robin keeps the categories balanced for any count.
         let spec = &CATEGORIES[i % CATEGORIES.len()];
-        let name = draw_name(&mut rng, spec, &mut taken, i);
+        let name = draw_name(&mut rng, spec, &mut taken, i, vocabulary);
         let brand = pick(&mut rng, spec.brands);
         let color = pick(&mut rng, spec.colours);
         let material = pick(&mut rng, spec.materials);
@@ -682,15 +716,17 @@ fn draw_name<R: Rng>(
     spec: &CategorySpec,
     taken: &mut BTreeSet<String>,
     index: usize,
+    vocabulary: Vocabulary,
 ) -> String {
+    let (first_words, second_words) = vocabulary.name_words();
     let mut last = String::new();
     for _ in 0..64 {
-        let first = pick(rng, NAME_FIRST);
+        let first = pick(rng, first_words);
         let kind = pick(rng, spec.types);
         let name = if rng.random_bool(0.35) {
             format!("{first} {kind}")
         } else {
-            format!("{first} {} {kind}", pick(rng, NAME_SECOND))
+            format!("{first} {} {kind}", pick(rng, second_words))
         };
         if taken.insert(name.clone()) {
             return name;
@@ -792,10 +828,11 @@ fn draft(text: String, answers: Vec<String>, kind: QuestionKind, sku: Option<&st
     }
 }
 
-/// The stores of [`STORES`], each with an address and opening hours drawn from the seed.
-fn generate_stores(seed: u64) -> Vec<Store> {
+/// The vocabulary's stores, each with an address and opening hours drawn from the seed.
+fn generate_stores(seed: u64, vocabulary: Vocabulary) -> Vec<Store> {
     let mut rng = stage_rng(seed, 5);
-    STORES
+    vocabulary
+        .stores()
         .iter()
         .map(|(id, city)| {
             let number = rng.random_range(1..=120u32);
@@ -2125,11 +2162,43 @@ mod tests {
                 seed: 5,
                 products,
                 heldout_fraction: 0.5,
+                ..GeneratorConfig::default()
             });
             assert_eq!(data.products.len(), products);
             data.verify()?;
         }
         Ok(())
+    }
+
+    #[test]
+    fn the_alternate_vocabulary_shares_no_name_or_city_and_verifies() {
+        let standard: BTreeSet<&str> = NAME_FIRST.iter().chain(NAME_SECOND).copied().collect();
+        let alternate: BTreeSet<&str> = ALT_NAME_FIRST
+            .iter()
+            .chain(ALT_NAME_SECOND)
+            .copied()
+            .collect();
+        assert_eq!(
+            alternate.len(),
+            ALT_NAME_FIRST.len() + ALT_NAME_SECOND.len()
+        );
+        assert!(standard.is_disjoint(&alternate));
+        let cities: BTreeSet<&str> = STORES.iter().map(|s| s.1).collect();
+        assert!(ALT_STORES.iter().all(|s| !cities.contains(s.1)));
+        let data = generate(&GeneratorConfig {
+            seed: 7,
+            products: 240,
+            vocabulary: Vocabulary::Alternate,
+            ..GeneratorConfig::default()
+        });
+        data.verify().unwrap();
+        let words: BTreeSet<&str> = data
+            .products
+            .iter()
+            .flat_map(|p| p.name.split(' '))
+            .collect();
+        assert!(words.iter().all(|w| !standard.contains(w)), "{words:?}");
+        assert!(data.questions.len() > 50);
     }
 
     #[test]

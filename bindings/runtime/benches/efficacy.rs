@@ -436,6 +436,7 @@ fn plot(rows: &[RoundRow], out: &Path) {
                     .filter_map(|r| Some((r.round as f64, value(r)?)))
                     .filter(|(_, y)| y.is_finite())
                     .collect(),
+                band: Vec::new(),
             })
             .collect()
     };

@@ -10,6 +10,9 @@ use std::{
 };
 
 use searchloop_core::{AgentConfig, Device, RewardPolicy, ToolLimits};
+use searchloop_llama::WeightsEncoding;
+use searchloop_model_candle::CandleConfig;
+use searchloop_model_mistralrs::MistralRsConfig;
 use searchloop_store_sql::{SqliteSync, StoreOptions};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,20 @@ pub struct AppConfig {
     pub learn: Option<SchedulerConfig>,
 }
 
+/// Which engine serves the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Engine {
+    /// searchloop's own engine on candle (`searchloop-model-candle`): many sequences per step,
+    /// shared-prefix reuse, cancellation, the trainer's numerics. Byte-level BPE models.
+    #[default]
+    Candle,
+    /// mistral.rs: any GGUF architecture and tokenizer it supports; one sequence at a time on
+    /// the CPU (its batched CPU decoding is wrong in 0.8.1), batched on a GPU.
+    #[serde(rename = "mistralrs")]
+    MistralRs,
+}
+
 /// The `[model]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -48,32 +65,79 @@ pub struct ModelSection {
     /// the `cuda` feature. Training rounds run there too unless `[learn.round] device` says
     /// otherwise.
     pub device: Device,
+    /// The serving engine: `candle` (the default) or `mistralrs`.
+    pub engine: Engine,
     /// In-memory encoding of the weights: `f32` (the default), `original`, `q8_0` or `q4_0`.
-    pub weights: searchloop_model_mistralrs::WeightsEncoding,
+    pub weights: WeightsEncoding,
     /// Most sequences decoded at once.
     pub max_concurrent_sequences: usize,
-    /// Longest prompt plus completion; absent uses the model's own.
+    /// Longest prompt plus completion; absent uses the model's own (the candle engine caps it
+    /// at 4,096).
     pub context_length: Option<usize>,
     /// A Jinja chat template replacing the GGUF's.
     pub chat_template: Option<String>,
+    /// Candle engine: most tokens one step computes (running sequences' next tokens, then
+    /// prompt chunks).
+    pub max_step_tokens: usize,
+    /// Candle engine: finished sequences kept for their keys and values, so prompts sharing
+    /// their beginning skip computing it.
+    pub prefix_cache_entries: usize,
+    /// Candle engine on the CPU: most tokens in the key/value cache at once.
+    pub kv_budget_tokens: usize,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        let engine = searchloop_model_mistralrs::MistralRsConfig::new(PathBuf::new());
+        let candle = CandleConfig::default();
         Self {
             path: None,
             device: Device::Cpu,
-            // An episode is mostly prompt processing (the system prompt, then the whole context
-            // again after each observation), and candle's quantized prompt path is a loop of
-            // row products: f32 weights run a whole retail episode about 1.7x faster than Q8_0
-            // and 3x faster than the shipped Q4_1 on a CPU, and their log-probs are the
-            // trainer's to 1e-5. For a much larger model, `q8_0` saves the memory.
-            weights: searchloop_model_mistralrs::WeightsEncoding::F32,
-            max_concurrent_sequences: engine.max_concurrent_sequences,
-            context_length: engine.context_length,
-            chat_template: engine.chat_template,
+            engine: Engine::Candle,
+            // An episode is mostly prompt processing, and candle's quantized prompt path is a
+            // loop of row products: f32 weights run a whole retail episode faster than Q8_0 and
+            // the shipped Q4_1 on a CPU, and their log-probs are the trainer's to 1e-4
+            // (BENCHMARKS.md). For a much larger model, `q8_0` saves the memory.
+            weights: WeightsEncoding::F32,
+            max_concurrent_sequences: candle.max_sequences,
+            context_length: None,
+            chat_template: None,
+            max_step_tokens: candle.max_step_tokens,
+            prefix_cache_entries: candle.prefix_cache_entries,
+            kv_budget_tokens: candle.kv_budget_tokens,
         }
+    }
+}
+
+impl ModelSection {
+    /// The candle engine's config for the GGUF at `path`, stamped with adapter `version`.
+    pub fn candle(&self, path: PathBuf, version: Option<u64>) -> CandleConfig {
+        CandleConfig {
+            model_path: path,
+            device: self.device,
+            weights: self.weights,
+            adapter_version: version,
+            context_length: self.context_length,
+            chat_template: self.chat_template.clone(),
+            max_sequences: self.max_concurrent_sequences,
+            max_step_tokens: self.max_step_tokens,
+            prefix_cache_entries: self.prefix_cache_entries,
+            kv_budget_tokens: self.kv_budget_tokens,
+        }
+    }
+
+    /// mistral.rs's config for the GGUF at `path`, stamped with adapter `version`.
+    pub fn mistralrs(&self, path: PathBuf, version: Option<u64>) -> MistralRsConfig {
+        let mut engine = MistralRsConfig::new(path);
+        engine.adapter_version = version;
+        engine.cuda_device = match self.device {
+            Device::Cpu => None,
+            Device::Cuda(ordinal) => Some(ordinal),
+        };
+        engine.weights = self.weights;
+        engine.max_concurrent_sequences = self.max_concurrent_sequences;
+        engine.context_length = self.context_length;
+        engine.chat_template = self.chat_template.clone();
+        engine
     }
 }
 

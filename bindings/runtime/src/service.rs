@@ -8,13 +8,14 @@ use std::{
 
 use async_trait::async_trait;
 use searchloop_core::{
-    Agent, Device, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
+    Agent, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
 };
 use searchloop_loop::{
     AdapterManager, LearningLoop, LoopError, LoopMetrics, PolicyLoader, RoundReport,
     SchedulerConfig, SwapReport, load_promoted, scheduler::RoundRunner,
 };
-use searchloop_model_mistralrs::{MistralRsConfig, MistralRsPolicy};
+use searchloop_model_candle::CandlePolicy;
+use searchloop_model_mistralrs::MistralRsPolicy;
 use searchloop_search_http::{HttpSearchConfig, HttpSearchTool};
 use searchloop_search_sql::{InventoryConfig, InventoryTool};
 use searchloop_search_tantivy::{
@@ -23,7 +24,7 @@ use searchloop_search_tantivy::{
 use searchloop_store_sql::{AdapterRecord, Store};
 
 use crate::{
-    config::{AppConfig, CatalogSection, ModelSection, ToolSection},
+    config::{AppConfig, CatalogSection, Engine, ModelSection, ToolSection},
     default_model,
     error::{Result, RuntimeError},
 };
@@ -251,20 +252,19 @@ pub async fn load_policy(
         (None, Some(path)) => path.clone(),
         (None, None) => default_model::ensure()?,
     };
-    let mut engine = MistralRsConfig::new(path);
-    engine.adapter_version = version;
-    engine.cuda_device = match section.device {
-        Device::Cpu => None,
-        Device::Cuda(ordinal) => Some(ordinal),
+    let policy: Arc<dyn Policy> = match section.engine {
+        Engine::Candle => Arc::new(
+            CandlePolicy::load(&section.candle(path, version))
+                .await
+                .map_err(|e| RuntimeError::Model(e.to_string()))?,
+        ),
+        Engine::MistralRs => Arc::new(
+            MistralRsPolicy::load(&section.mistralrs(path, version))
+                .await
+                .map_err(|e| RuntimeError::Model(e.to_string()))?,
+        ),
     };
-    engine.weights = section.weights;
-    engine.max_concurrent_sequences = section.max_concurrent_sequences;
-    engine.context_length = section.context_length;
-    engine.chat_template = section.chat_template.clone();
-    let policy = MistralRsPolicy::load(&engine)
-        .await
-        .map_err(|e| RuntimeError::Model(e.to_string()))?;
-    Ok(Arc::new(policy))
+    Ok(policy)
 }
 
 /// Opens every configured tool and registers it.

@@ -18,14 +18,48 @@ use searchloop_store_sql::AdapterStatus;
 #[tokio::test(flavor = "multi_thread")]
 async fn the_gate_promotes_a_good_candidate_and_rejects_a_damaged_one() {
     let mut ws = Workspace::new(120);
-    // One held-out question the base model answers well enough (F1 0.67 at this seed).
-    let eval_set = ws.dir.path().join("eval.jsonl");
-    let question = ws
+    // A wrecked model writes until every limit: keep the limits short.
+    ws.config.agent.protocol.max_turns = 2;
+    ws.config.agent.protocol.max_episode_tokens = 96;
+    // One held-out question the base model answers well enough at the gate's seed, so a
+    // damaged model can do measurably worse: the first of the held-out questions that it does.
+    let probe = Runtime::start(ws.config.clone()).await.unwrap();
+    // An agent that records nothing, like the gate's own.
+    let agent = searchloop_core::Agent::new(
+        Arc::new(searchloop_core::PolicySlot::new(
+            probe.agent().policy().current(),
+        )),
+        probe.agent().tools().clone(),
+        probe.agent().config().clone(),
+    )
+    .unwrap();
+    let mut chosen = None;
+    for question in ws
         .questions
         .iter()
         .filter(|q| q.split == Split::Heldout)
-        .nth(1)
-        .unwrap();
+        .take(12)
+    {
+        let item = searchloop_learn::Question {
+            id: question.id.clone(),
+            question: question.question.clone(),
+            answers: question.answers.clone(),
+            kind: String::new(),
+            tools: Vec::new(),
+        };
+        let report = searchloop_learn::evaluate(&agent, std::slice::from_ref(&item), 0)
+            .await
+            .unwrap();
+        if report.mean_reward > 0.2 {
+            chosen = Some(question.clone());
+            break;
+        }
+    }
+    drop(agent);
+    probe.store().close().await;
+    drop(probe);
+    let question = chosen.expect("the base model answers none of twelve held-out questions");
+    let eval_set = ws.dir.path().join("eval.jsonl");
     std::fs::write(
         &eval_set,
         serde_json::json!({"question": question.question, "answers": question.answers}).to_string(),
@@ -36,9 +70,6 @@ async fn the_gate_promotes_a_good_candidate_and_rejects_a_damaged_one() {
     learn.gate.metric = GateMetric::Reward;
     learn.gate.margin = 0.05;
     ws.config.learn = Some(learn);
-    // A wrecked model writes until every limit: keep the limits short.
-    ws.config.agent.protocol.max_turns = 2;
-    ws.config.agent.protocol.max_episode_tokens = 96;
     let runtime = Runtime::start(ws.config.clone()).await.unwrap();
     let store = runtime.store().clone();
 

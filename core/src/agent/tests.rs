@@ -125,6 +125,7 @@ async fn multi_turn_episode_with_two_tools() {
         gold_answers: vec!["Yes".into()],
         split: Split::Heldout,
         kind: "inventory".into(),
+        tools: Vec::new(),
     };
     let t = agent
         .run(EpisodeRequest {

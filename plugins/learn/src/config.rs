@@ -89,6 +89,13 @@ pub struct RoundConfig {
     /// round trains the distribution that is served. The trainer always scores each episode
     /// at the temperature recorded with it.
     pub rollout_temperature: Option<f32>,
+    /// Dynamic sampling (DAPO): a replay group whose episodes all earn the same reward carries
+    /// no advantage, so more prompts are drawn until `prompts_per_round` groups have spread,
+    /// or `max_prompt_draws` prompts were tried.
+    pub dynamic_sampling: bool,
+    /// Most replay prompts one round tries with dynamic sampling (0: three times
+    /// `prompts_per_round`).
+    pub max_prompt_draws: usize,
     /// Seed of prompt choice and replay sampling.
     pub seed: u64,
     /// Episodes longer than this many tokens are left out (their activations would not fit).
@@ -124,6 +131,8 @@ impl Default for RoundConfig {
             threads: 0,
             prompts: None,
             rollout_temperature: None,
+            dynamic_sampling: false,
+            max_prompt_draws: 0,
             seed: 0,
             max_sequence_tokens: 2048,
             max_feedback_episodes: 256,
@@ -166,6 +175,15 @@ impl RoundConfig {
         }
         validate_trainer(&self.trainer)?;
         validate_lora(&self.lora)
+    }
+
+    /// Most replay prompts a round tries (`prompts_per_round` without dynamic sampling).
+    pub fn prompt_draws(&self) -> usize {
+        match (self.dynamic_sampling, self.max_prompt_draws) {
+            (false, _) => self.prompts_per_round,
+            (true, 0) => 3 * self.prompts_per_round,
+            (true, n) => n.max(self.prompts_per_round),
+        }
     }
 
     /// The thread budget after resolving 0.

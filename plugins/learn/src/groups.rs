@@ -29,6 +29,10 @@ pub(crate) struct ReplayStats {
     pub generated_tokens: usize,
     /// Wall time of the sampling.
     pub seconds: f64,
+    /// Prompts a group was sampled for.
+    pub prompts: usize,
+    /// Groups whose rewards differ (the ones with an advantage).
+    pub informative_groups: usize,
 }
 
 /// The agent replay episodes run through: the serving agent's tools, protocol, rewards and
@@ -69,8 +73,12 @@ fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
     u64::from_le_bytes(bytes) >> 8
 }
 
-/// Samples one group of `config.group_size` episodes per prompt and adds them to `batch`.
-/// Checks `cancel` between groups and reports progress after each.
+/// Samples groups of `config.group_size` episodes and adds them to `batch`: one group for
+/// each of the first `config.prompts_per_round` prompts, all at once so a batching engine
+/// decodes them together. With dynamic sampling, a group whose episodes all earn the same
+/// reward does not count, and further prompts are sampled in waves until
+/// `prompts_per_round` groups have spread or the prompts run out. Checks `cancel` between
+/// waves and reports progress after each group.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn replay_groups(
     agent: &Agent,
@@ -85,28 +93,47 @@ pub(crate) async fn replay_groups(
 ) -> Result<ReplayStats> {
     let started = std::time::Instant::now();
     let mut stats = ReplayStats::default();
-    let total = prompts.len() * config.group_size;
-    for (k, prompt) in prompts.iter().enumerate() {
+    let target = config.prompts_per_round.min(prompts.len());
+    let total = target * config.group_size;
+    let mut next = 0;
+    while stats.informative_groups < target && next < prompts.len() {
         if cancel.load(Ordering::SeqCst) {
             return Err(LearnError::Cancelled);
         }
-        let request = EpisodeRequest {
-            question: prompt.question.clone(),
-            task: Some(prompt.task_info(Split::Train)),
-            group_id: None,
-            seed: Some(replay_seed(config.seed, round, k)),
-        };
-        let group = agent.run_group(request, config.group_size).await?;
-        for t in &group {
-            stats.episodes += 1;
-            stats.generated_tokens += t.loss_mask().iter().filter(|&&m| m).count();
-            let Some(reward) = reward_policy.combine(&t.rewards) else {
-                continue;
+        let wave = (target - stats.informative_groups).min(prompts.len() - next);
+        let groups = futures::future::join_all((next..next + wave).map(|k| {
+            let request = EpisodeRequest {
+                question: prompts[k].question.clone(),
+                task: Some(prompts[k].task_info(Split::Train)),
+                group_id: None,
+                seed: Some(replay_seed(config.seed, round, k)),
             };
-            let group_id = t.group_id.clone().unwrap_or_default();
-            batch.push(t, reward, &group_id, None, Origin::Replay, limits);
+            agent.run_group(request, config.group_size)
+        }))
+        .await;
+        next += wave;
+        for group in groups {
+            let group = group?;
+            stats.prompts += 1;
+            let mut rewards = Vec::with_capacity(group.len());
+            for t in &group {
+                stats.episodes += 1;
+                stats.generated_tokens += t.loss_mask().iter().filter(|&&m| m).count();
+                let Some(reward) = reward_policy.combine(&t.rewards) else {
+                    continue;
+                };
+                rewards.push(reward);
+                let group_id = t.group_id.clone().unwrap_or_default();
+                batch.push(t, reward, &group_id, None, Origin::Replay, limits);
+            }
+            let spread = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                - rewards.iter().copied().fold(f64::INFINITY, f64::min);
+            // Without dynamic sampling every group counts, informative or not.
+            if spread > 1e-9 || !config.dynamic_sampling {
+                stats.informative_groups += 1;
+            }
+            progress(stats.episodes.min(total), total);
         }
-        progress(stats.episodes, total);
     }
     stats.seconds = started.elapsed().as_secs_f64();
     Ok(stats)
@@ -250,6 +277,7 @@ mod tests {
                 gold_answers: vec![],
                 split: Split::Train,
                 kind: kind.into(),
+                tools: Vec::new(),
             }),
             tokens,
             segments,

@@ -46,6 +46,13 @@ pub struct RoundSummary {
     pub rollout_tokens: usize,
     /// Wall time of sampling the replay groups.
     pub rollout_seconds: f64,
+    /// Replay prompts a group was sampled for (more than the round's prompts when dynamic
+    /// sampling replaced groups without spread).
+    #[serde(default)]
+    pub rollout_prompts: usize,
+    /// Replay groups whose rewards differ.
+    #[serde(default)]
+    pub informative_groups: usize,
     /// Wall time of training (model load, epochs, adapter and merged model writes).
     pub train_seconds: f64,
     /// Tokens pushed through forward and backward passes (every position of every sequence,

@@ -39,6 +39,7 @@ impl Question {
             gold_answers: self.answers.clone(),
             split,
             kind: self.kind.clone(),
+            tools: self.tools.clone(),
         }
     }
 }

@@ -142,7 +142,7 @@ pub async fn run_round_observed(
             Some(path) => read_train_prompts(path)?,
             None => logged_train_prompts(ctx.store, usize::MAX).await?,
         };
-        let chosen = pick_prompts(&prompts, config.prompts_per_round, round, config.seed);
+        let chosen = pick_prompts(&prompts, config.prompt_draws(), round, config.seed);
         if chosen.is_empty() {
             tracing::warn!("no train-split prompts: the round samples no replay groups");
         }
@@ -242,6 +242,8 @@ pub async fn run_round_observed(
         rollout_episodes: replay.episodes,
         rollout_tokens: replay.generated_tokens,
         rollout_seconds: replay.seconds,
+        rollout_prompts: replay.prompts,
+        informative_groups: replay.informative_groups,
         train_seconds: train_started.elapsed().as_secs_f64(),
         trained_tokens,
         threads,

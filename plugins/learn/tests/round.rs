@@ -258,6 +258,7 @@ async fn served(agent: &Agent, question: &str, seed: u64) -> Trajectory {
                 gold_answers: vec![],
                 split: Split::Train,
                 kind: "toy".into(),
+                tools: Vec::new(),
             }),
             group_id: None,
             seed: Some(seed),

@@ -44,6 +44,12 @@ pub enum LlamaError {
     /// An adapter on disk is malformed or does not fit the model.
     #[error("invalid adapter: {0}")]
     Adapter(String),
+    /// The chat template is missing, does not compile, or failed to render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// The tokenizer failed to encode or decode.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -25,9 +25,11 @@
 // Tests may unwrap: a panic with the error is the clearest failure report there.
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod chat;
 pub mod error;
 mod fused;
 pub mod gguf;
+pub mod infer;
 mod kernels;
 pub mod lora;
 pub mod merge;
@@ -38,9 +40,11 @@ pub mod sample;
 #[cfg(any(test, feature = "test-support"))]
 #[allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 pub mod test_support;
+pub mod tokenizer;
 
 pub use error::{LlamaError, Result};
 pub use gguf::{Architecture, GgufFile, LlamaConfig, LlamaWeights, RopeStyle, load_llama};
+pub use infer::{KvCache, ServingModel, SlotId, TokenBatch, WeightsEncoding};
 pub use lora::{LoraAdapter, LoraConfig, TargetModule, gguf_rows_to_hf, hf_rows_to_gguf};
 pub use merge::{MergeEncoding, MergeReport, merge_into_gguf};
 pub use model::{Llama, TokenStats};

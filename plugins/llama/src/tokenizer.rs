@@ -89,7 +89,7 @@ pub fn from_gguf_metadata(metadata: &HashMap<String, Value>) -> Result<GgufToken
     }
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
-    let vocab: HashMap<String, u32> = tokens
+    let vocab: ahash::AHashMap<String, u32> = tokens
         .iter()
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
@@ -144,7 +144,8 @@ pub fn from_gguf_metadata(metadata: &HashMap<String, Value>) -> Result<GgufToken
 /// The pre-tokenizer that llama.cpp's `tokenizer.ggml.pre` names: how text is cut into the
 /// pieces BPE merges within.
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = |use_regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
+    let byte_level =
+        |use_regex: bool| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     Ok(match pre {
         // SmolLM's: every digit alone, then GPT-2's pattern.
         "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![

@@ -344,6 +344,8 @@ pub struct RoundCandidate {
     pub record: AdapterRecord,
     /// The training report (per-step metrics feed the ISDD alarm).
     pub train: TrainReport,
+    /// What the round did (its batch, sampling and training times), when the runner says.
+    pub summary: Option<learn::RoundSummary>,
 }
 
 /// Runs training rounds. The runtime's runner is searchloop-learn's round ([`LearnRunner`]);
@@ -380,6 +382,7 @@ impl RoundRunner for LearnRunner {
         Ok(RoundCandidate {
             record: output.candidate,
             train: output.report,
+            summary: Some(output.summary),
         })
     }
 }
@@ -403,6 +406,8 @@ pub struct RoundReport {
     pub swap: Option<SwapReport>,
     /// The training report.
     pub train: TrainReport,
+    /// What the round did, when its runner says (searchloop-learn's does).
+    pub summary: Option<learn::RoundSummary>,
     /// Wall time of the training part, in milliseconds.
     pub train_ms: u64,
     /// Wall time of the gate (both evaluations and the decision), in milliseconds.
@@ -589,6 +594,7 @@ impl Shared {
                 verdict: outcome.verdict,
                 swap: outcome.swap,
                 train: candidate.train,
+                summary: candidate.summary,
                 train_ms,
                 gate_ms: started.elapsed().as_millis() as u64,
             }),

@@ -7,65 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 
-/// How the weights are encoded in memory while serving.
-///
-/// candle 0.10 has SIMD dot products for Q4_0, Q8_0 and the K-quants but not for Q4_1 (the
-/// default model's encoding), so re-encoding can be several times faster. A re-encoded copy is
-/// written once beside the original (or in [`MistralRsConfig::reencoded_dir`]), named after the
-/// original's content hash, and reused on later loads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightsEncoding {
-    /// The file as it is.
-    #[default]
-    Original,
-    /// Every quantized matrix re-encoded to Q8_0 (8-bit, one scale per 32 values): nearly
-    /// lossless from a 4-bit source, and fast.
-    #[serde(rename = "q8_0")]
-    Q8_0,
-    /// Every quantized matrix re-encoded to Q4_0 (4-bit, one scale per 32 values): smallest and
-    /// fast, but a second rounding of a 4-bit source.
-    #[serde(rename = "q4_0")]
-    Q4_0,
-    /// Every matrix dequantized to f32: exactly the weights the trainer computes with, at four
-    /// bytes per parameter.
-    #[serde(rename = "f32")]
-    F32,
-}
-
-impl WeightsEncoding {
-    /// The name used in configs, file names and model ids.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Original => "original",
-            Self::Q8_0 => "q8_0",
-            Self::Q4_0 => "q4_0",
-            Self::F32 => "f32",
-        }
-    }
-}
-
-impl std::fmt::Display for WeightsEncoding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for WeightsEncoding {
-    type Err = ModelError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "original" => Ok(Self::Original),
-            "q8_0" => Ok(Self::Q8_0),
-            "q4_0" => Ok(Self::Q4_0),
-            "f32" => Ok(Self::F32),
-            other => Err(ModelError::Config(format!(
-                "unknown weights encoding {other:?}; expected original, q8_0, q4_0 or f32"
-            ))),
-        }
-    }
-}
+pub use searchloop_llama::WeightsEncoding;
 
 /// Configuration of [`crate::MistralRsPolicy`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

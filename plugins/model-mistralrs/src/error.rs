@@ -48,6 +48,9 @@ pub enum ModelError {
     /// The chat template is missing, does not compile, or failed to render.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// The chat template (shared with the candle engine) failed.
+    #[error(transparent)]
+    Template(#[from] searchloop_llama::LlamaError),
     /// The tokenizer failed to encode or decode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -16,7 +16,6 @@
 //!   logits for scoring.
 //! - [`ModelError`]: everything that can fail.
 
-mod chat;
 mod config;
 mod engine;
 mod error;

@@ -13,12 +13,12 @@ use mistralrs::core::{
     GGUFSpecificConfig, LocalModelPaths, MistralRsBuilder, ModelDType, ModelPaths, SchedulerConfig,
 };
 use searchloop_core::{ChatMessage, Policy, Sample, SamplingParams};
+use searchloop_llama::chat::ChatTemplate;
 use tokio::sync::Semaphore;
 
 use searchloop_core::sampling::DrawSettings;
 
 use crate::{
-    chat::ChatTemplate,
     config::{MistralRsConfig, WeightsEncoding},
     engine::{Engine, SampleRequest},
     error::{ModelError, Result},
@@ -414,7 +414,9 @@ impl Policy for MistralRsPolicy {
                 self.model_id
             ))
         })?;
-        Ok(template.render(messages, add_generation_prompt)?)
+        Ok(template
+            .render(messages, add_generation_prompt)
+            .map_err(ModelError::from)?)
     }
 
     fn tokenize(&self, text: &str) -> searchloop_core::Result<Vec<u32>> {

@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The newest schema version this build writes and reads.
-pub(crate) const LATEST_VERSION: i64 = 2;
+pub(crate) const LATEST_VERSION: i64 = 3;
 
 /// The table recording applied migrations; its presence marks a database as a searchloop store.
 const SCHEMA_TABLE: &str = "searchloop_schema";
@@ -51,7 +51,17 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: SQLITE_V2,
         postgres: POSTGRES_V2,
     },
+    Migration {
+        version: 3,
+        description: "the tools a trajectory's task names",
+        sqlite: V3,
+        postgres: V3,
+    },
 ];
+
+/// Version 3, the same text for both databases: a nullable JSON array of tool names per
+/// trajectory. Existing rows read as naming none.
+const V3: &str = "ALTER TABLE trajectories ADD COLUMN task_tools TEXT;";
 
 /// Version 2 for SQLite: the `staging` status (a version reserved before its round writes
 /// the files named after it), and the learning state a round leaves for the rounds trained

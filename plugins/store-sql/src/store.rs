@@ -172,7 +172,7 @@ const MAX_KEY_LEN: usize = 256;
 /// Columns of a full trajectory, in the order [`raw_trajectory`] reads them (by name).
 pub(crate) const TRAJECTORY_COLUMNS: &str = "t.seq, t.id, t.created_at_ns, t.question, \
      t.prompt_text, t.response_text, t.task_id, t.task_kind, t.task_split, t.gold_answers, \
-     t.tokens, t.segments, t.logprobs, t.tool_calls, t.answer, t.episode_end, t.turns, \
+     t.task_tools, t.tokens, t.segments, t.logprobs, t.tool_calls, t.answer, t.episode_end, t.turns, \
      t.model_id, t.adapter_version, t.sampling, t.group_id, t.started_at_ns, t.model_ms, \
      t.tool_ms, t.total_ms";
 
@@ -193,6 +193,7 @@ pub(crate) struct RawTrajectory {
     pub(crate) task_kind: Option<String>,
     pub(crate) task_split: Option<String>,
     pub(crate) gold_answers: Option<String>,
+    pub(crate) task_tools: Option<String>,
     pub(crate) tokens: Vec<u8>,
     pub(crate) segments: Vec<u8>,
     pub(crate) logprobs: Vec<u8>,
@@ -225,6 +226,7 @@ macro_rules! raw_trajectory {
             task_kind: col!(row, "task_kind"),
             task_split: col!(row, "task_split"),
             gold_answers: col!(row, "gold_answers"),
+            task_tools: col!(row, "task_tools"),
             tokens: col!(row, "tokens"),
             segments: col!(row, "segments"),
             logprobs: col!(row, "logprobs"),
@@ -306,6 +308,10 @@ impl RawTrajectory {
                 )?,
                 split: codec::parse_split(&id, &split)?,
                 kind,
+                tools: match self.task_tools.as_deref() {
+                    Some(tools) => parse_json(&id, "task_tools", tools)?,
+                    None => Vec::new(),
+                },
             }),
             _ => {
                 return Err(StoreError::CorruptRecord {
@@ -404,6 +410,7 @@ struct TrajectoryRow<'a> {
     created_at_ns: i64,
     task_split: Option<&'static str>,
     gold_answers: Option<String>,
+    task_tools: Option<String>,
     tokens: Vec<u8>,
     segments: Vec<u8>,
     logprobs: Vec<u8>,
@@ -505,6 +512,13 @@ impl<'a> TrajectoryRow<'a> {
                 .as_ref()
                 .map(|task| json("gold answers", serde_json::to_string(&task.gold_answers)))
                 .transpose()?,
+            // NULL when the task names no tools, as every task did before the column existed.
+            task_tools: t
+                .task
+                .as_ref()
+                .filter(|task| !task.tools.is_empty())
+                .map(|task| json("task tools", serde_json::to_string(&task.tools)))
+                .transpose()?,
             tokens: codec::encode_tokens(&t.tokens),
             segments: codec::encode_segments(&t.segments),
             logprobs: codec::encode_logprobs(&t.logprobs),
@@ -529,9 +543,9 @@ impl<'a> TrajectoryRow<'a> {
 const INSERT_TRAJECTORY: &str = "INSERT INTO trajectories (id, created_at_ns, question, \
      prompt_text, response_text, task_id, task_kind, task_split, gold_answers, tokens, segments, \
      logprobs, tool_calls, answer, episode_end, turns, model_id, adapter_version, sampling, \
-     group_id, group_key, started_at_ns, model_ms, tool_ms, total_ms) VALUES ($1, $2, $3, $4, \
-     $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, \
-     $24, $25) ON CONFLICT (id) DO NOTHING RETURNING seq";
+     group_id, group_key, started_at_ns, model_ms, tool_ms, total_ms, task_tools) VALUES ($1, $2, \
+     $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
+     $23, $24, $25, $26) ON CONFLICT (id) DO NOTHING RETURNING seq";
 
 /// Inserts a ledger entry; a repeated idempotency key inserts nothing and returns no row.
 const INSERT_REWARD: &str = "INSERT INTO rewards (trajectory_seq, source, value, weight, at_ns, \
@@ -755,6 +769,7 @@ impl Store {
                     .bind(t.timing.model_ms)
                     .bind(t.timing.tool_ms)
                     .bind(t.timing.total_ms)
+                    .bind(row.task_tools.as_deref())
                     .fetch_optional(&mut *tx)
                     .await
                     .ctx(&format!("insert trajectory {}", t.id))?;

@@ -585,3 +585,36 @@ pub(crate) const STREETS: &[&str] = &[
     "Castle Road",
     "Garden Row",
 ];
+
+/// First words of the alternate vocabulary's product names: disjoint from both standard lists,
+/// so a catalog generated with it names no product the standard catalog could.
+// One word per line would make these lists hundreds of lines long.
+#[rustfmt::skip]
+pub(crate) const ALT_NAME_FIRST: &[&str] = &[
+    "Acorn", "Basil", "Cascade", "Dahlia", "Eclipse", "Foxglove", "Glacier", "Harvest", "Inlet",
+    "Kestrel", "Lagoon", "Mosaic", "Nettle", "Oriole", "Paprika", "Quill", "Rosewood", "Sorrel",
+    "Topaz", "Violet", "Wisteria", "Yucca", "Azure", "Blossom", "Cobble", "Driftwood", "Emberly",
+    "Fennel", "Gossamer", "Hemlock", "Kelp", "Linden", "Magnolia", "Nutmeg", "Oakmoss", "Plover",
+    "Russet", "Sundew", "Tansy", "Verdant",
+];
+
+/// Second words of the alternate vocabulary's two-word product names.
+// One word per line would make these lists hundreds of lines long.
+#[rustfmt::skip]
+pub(crate) const ALT_NAME_SECOND: &[&str] = &[
+    "Terrace", "Orchard", "Lantern", "Anchor", "Compass", "Quarry", "Prairie", "Tarn",
+    "Barrow", "Outpost", "Causeway", "Paddock", "Hamlet", "Atrium", "Bastion", "Cairn",
+    "Estuary", "Foothill", "Garrison", "Headland",
+];
+
+/// The alternate vocabulary's stores as (id, city).
+pub(crate) const ALT_STORES: &[(&str, &str)] = &[
+    ("OSL", "Oslo"),
+    ("VIE", "Vienna"),
+    ("LIS", "Lisbon"),
+    ("DUB", "Dublin"),
+    ("TOR", "Toronto"),
+    ("SEA", "Seattle"),
+    ("SYD", "Sydney"),
+    ("ZRH", "Zurich"),
+];

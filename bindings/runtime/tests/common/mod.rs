@@ -120,6 +120,7 @@ impl Workspace {
                     retail::Split::Heldout => Split::Heldout,
                 },
                 kind: q.kind.as_str().to_string(),
+                tools: q.tools.clone(),
             }),
             group_id: None,
             seed: Some(seed),
@@ -354,6 +355,7 @@ impl RoundRunner for CraftedRound {
         Ok(RoundCandidate {
             record,
             train: train_report(self.steps.clone()),
+            summary: None,
         })
     }
 }

@@ -148,6 +148,7 @@ pub fn trajectory(id: &str, shape: &Shape) -> Trajectory {
             gold_answers: vec![words(&mut rng, 2), "vegan leather".into()],
             split,
             kind,
+            tools: vec!["catalog".into(), "inventory".into()],
         }),
         tokens,
         segments,

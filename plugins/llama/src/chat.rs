@@ -5,13 +5,13 @@ use minijinja::{Environment, Error as JinjaError, ErrorKind, context};
 use searchloop_core::{ChatMessage, Role};
 use serde::Serialize;
 
-use crate::error::{ModelError, Result};
+use crate::error::{LlamaError, Result};
 
 /// The name the template is registered under in its environment.
 const TEMPLATE_NAME: &str = "chat";
 
 /// A compiled chat template with the special-token texts it may refer to.
-pub(crate) struct ChatTemplate {
+pub struct ChatTemplate {
     environment: Environment<'static>,
     bos_token: String,
     eos_token: String,
@@ -35,7 +35,7 @@ struct TemplateMessage<'a> {
 impl ChatTemplate {
     /// Compiles `source`; `bos_token` and `eos_token` are the texts the template sees under
     /// those names (empty when the model has none).
-    pub(crate) fn new(
+    pub fn new(
         source: String,
         bos_token: Option<String>,
         eos_token: Option<String>,
@@ -50,7 +50,7 @@ impl ChatTemplate {
         environment.add_function("raise_exception", raise_exception);
         environment
             .add_template_owned(TEMPLATE_NAME, source)
-            .map_err(|e| ModelError::ChatTemplate(format!("the template does not compile: {e}")))?;
+            .map_err(|e| LlamaError::ChatTemplate(format!("the template does not compile: {e}")))?;
         Ok(Self {
             environment,
             bos_token: bos_token.unwrap_or_default(),
@@ -60,15 +60,11 @@ impl ChatTemplate {
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
-    pub(crate) fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-    ) -> Result<String> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let template = self
             .environment
             .get_template(TEMPLATE_NAME)
-            .map_err(|e| ModelError::ChatTemplate(e.to_string()))?;
+            .map_err(|e| LlamaError::ChatTemplate(e.to_string()))?;
         let messages: Vec<TemplateMessage<'_>> = messages
             .iter()
             .map(|m| TemplateMessage {
@@ -83,7 +79,7 @@ impl ChatTemplate {
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
             })
-            .map_err(|e| ModelError::ChatTemplate(format!("rendering failed: {e}")))
+            .map_err(|e| LlamaError::ChatTemplate(format!("rendering failed: {e}")))
     }
 }
 

@@ -1,0 +1,593 @@
+//! `searchloop learn`: the agent improving from its own traffic, shown. Closed-loop rounds on
+//! the demo's retail data set (replay groups, training, the eval gate, promotion) for every arm
+//! (a policy loss) and seed, with the served model's held-out scores per question kind printed
+//! after each round, a second catalog of unseen product names and cities evaluated before and
+//! after, and a report (JSON, markdown) and a learning-curve plot with a band over seeds.
+//!
+//! Every run keeps its own store and adapters under `WORKDIR/runs/<arm>-seed<N>`, and appends
+//! one line per round to `rounds.jsonl` there once the round's verdict is in the registry. A
+//! killed command started again skips the rounds those files record and goes on from the
+//! registry's promoted adapter; a round killed half-way is cleaned up by the next one.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+use searchloop_core::{Agent, Device, PolicySlot};
+use searchloop_demo::{
+    plot::{Panel, Series, draw_panels},
+    retail::{GeneratorConfig, Vocabulary},
+};
+use searchloop_learn::{
+    EVAL_CONCURRENCY, EvalReport, GroupSource, LearnError, Question, evaluate_observed,
+    read_eval_items,
+};
+use searchloop_loop::{EvalConfig, GateVerdict, LoopError, RoundReport, SchedulerConfig};
+use searchloop_runtime::{AppConfig, Runtime, RuntimeError, service};
+use serde::{Deserialize, Serialize};
+
+use crate::demo::{prepare_workdir, start_help_center};
+
+/// Options of `searchloop learn`.
+#[derive(Debug, clap::Args)]
+pub struct LearnArgs {
+    /// Work folder: the data sets, and one run folder per arm and seed.
+    #[arg(long, default_value = "searchloop-learn")]
+    pub workdir: PathBuf,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 6)]
+    pub rounds: usize,
+    /// Start no round after this many minutes of a run (0: no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub minutes: f64,
+    /// Policy losses to compare, comma-separated: grpo (plain GRPO), sapo (GRPO + SAPO).
+    #[arg(long, value_delimiter = ',', default_value = "sapo,grpo")]
+    pub arms: Vec<String>,
+    /// Runs per arm, seeded 1, 2, ...
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Held-out questions the gate and the curves score (greedy, fixed seeds).
+    #[arg(long, default_value_t = 128)]
+    pub eval: usize,
+    /// Questions of the second catalog (unseen product names and cities), scored before the
+    /// first round and after the last (0: none).
+    #[arg(long, default_value_t = 64)]
+    pub generalization: usize,
+    /// Replay prompts per round.
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// Episodes per replay prompt (G).
+    #[arg(long, default_value_t = 8)]
+    pub group_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// PPO epochs over each round's batch.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    /// Sampling temperature of replay episodes (serving and evaluation are greedy).
+    #[arg(long, default_value_t = 1.0)]
+    pub rollout_temperature: f32,
+    /// Refill groups whose episodes all earn the same reward from further prompts.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub dynamic_sampling: bool,
+    /// Weight of the reward for calling the tools a question needs (0: none).
+    #[arg(long, default_value_t = 0.1)]
+    pub tool_reward: f64,
+    /// CPU threads of the trainer (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Where the report and the plot go; default `WORKDIR/report`.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// One round of one run, as `rounds.jsonl` keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RoundLine {
+    round: usize,
+    /// The held-out scores of the model served after the round.
+    served: Option<EvalReport>,
+    /// The candidate's version and the gate's decision; `None` when the round had no data.
+    candidate: Option<u64>,
+    promoted: bool,
+    reason: Option<String>,
+    seconds: f64,
+    rollout_seconds: f64,
+    train_seconds: f64,
+    informative_groups: usize,
+    rollout_prompts: usize,
+}
+
+/// What one run (an arm and a seed) measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct RunReport {
+    arm: String,
+    seed: u64,
+    /// The base model's held-out scores (round 0).
+    base: Option<EvalReport>,
+    rounds: Vec<RoundLine>,
+    /// The second catalog, before the first round and after the last.
+    generalization_before: Option<EvalReport>,
+    generalization_after: Option<EvalReport>,
+    device: String,
+}
+
+/// `searchloop learn`.
+pub async fn run(args: LearnArgs, device: Option<Device>) -> anyhow::Result<()> {
+    if args.rounds == 0 || args.seeds == 0 || args.eval == 0 {
+        bail!("--rounds, --seeds and --eval must be at least 1");
+    }
+    for arm in &args.arms {
+        arm_settings(arm)?;
+    }
+    std::fs::create_dir_all(&args.workdir)
+        .with_context(|| format!("cannot create {}", args.workdir.display()))?;
+    let data = args.workdir.join("retail");
+    let config_path = prepare_workdir(&data, &GeneratorConfig::default()).await?;
+    let _help = start_help_center(&data).await?;
+    let mut base = crate::load_config(&config_path, device)?;
+    // Serving and evaluation are greedy, so every held-out score is the model's own answer.
+    base.agent.sampling.temperature = 0.0;
+    base.agent.rewards.tool_choice = args.tool_reward;
+    let unseen = if args.generalization > 0 {
+        let dir = args.workdir.join("unseen");
+        let path = prepare_workdir(
+            &dir,
+            &GeneratorConfig {
+                seed: 4242,
+                vocabulary: Vocabulary::Alternate,
+                ..GeneratorConfig::default()
+            },
+        )
+        .await?;
+        let help = start_help_center(&dir).await?;
+        let config = crate::load_config(&path, device)?;
+        let items = read_eval_items(&dir.join("data/questions.jsonl"), args.generalization)?;
+        Some((config, items, help))
+    } else {
+        None
+    };
+    let started = Instant::now();
+    let mut reports = Vec::new();
+    for arm in &args.arms {
+        for seed in 1..=args.seeds {
+            let report = run_one(&args, &base, arm, seed, &data, unseen.as_ref()).await?;
+            reports.push(report);
+        }
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| args.workdir.join("report"));
+    write_report(&reports, &args, &out)?;
+    println!(
+        "\n{} runs in {:.1} min; report and plot in {}",
+        reports.len(),
+        started.elapsed().as_secs_f64() / 60.0,
+        out.display()
+    );
+    Ok(())
+}
+
+/// Sets `round` up for arm `name`.
+fn arm_settings(name: &str) -> anyhow::Result<fn(&mut searchloop_learn::RoundConfig)> {
+    Ok(match name {
+        "grpo" => |r| r.trainer.loss.sapo_weight = 0.0,
+        "sapo" => |r| {
+            r.trainer.loss.sapo_weight = 0.1;
+            r.trainer.loss.sapo_threshold = 0.8;
+        },
+        other => bail!("unknown arm '{other}' (known: grpo, sapo)"),
+    })
+}
+
+/// The app config of one run: the shared data set's tools, the run's own store and adapters,
+/// and a `[learn]` section for the arm and seed.
+fn run_config(
+    args: &LearnArgs,
+    base: &AppConfig,
+    arm: &str,
+    seed: u64,
+    data: &Path,
+    dir: &Path,
+) -> anyhow::Result<AppConfig> {
+    let mut config = base.clone();
+    config.store.url = dir.join("searchloop.db").display().to_string();
+    let mut learn = SchedulerConfig {
+        adapters_dir: dir.join("adapters"),
+        eval: EvalConfig {
+            set: data.join("data/questions.jsonl"),
+            questions: args.eval,
+            seed: 0,
+        },
+        ..SchedulerConfig::default()
+    };
+    let round = &mut learn.round;
+    round.source = GroupSource::Replay;
+    round.prompts = Some(data.join("data/questions.jsonl"));
+    round.prompts_per_round = args.prompts;
+    round.group_size = args.group_size;
+    round.rollout_temperature = Some(args.rollout_temperature);
+    round.dynamic_sampling = args.dynamic_sampling;
+    round.seed = seed;
+    round.lora.seed = seed;
+    round.threads = if args.threads == 0 {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        args.threads
+    };
+    round.trainer.learning_rate = args.lr;
+    round.trainer.ppo_epochs = args.epochs;
+    round.trainer.seed = seed;
+    round.device = Some(config.trainer_device());
+    arm_settings(arm)?(round);
+    // Rounds start when this command says, never on the scheduler's own triggers.
+    learn.trigger.new_rewarded = None;
+    learn.trigger.interval_minutes = Some(f64::MAX);
+    config.learn = Some(learn);
+    config.validate()?;
+    Ok(config)
+}
+
+async fn run_one(
+    args: &LearnArgs,
+    base: &AppConfig,
+    arm: &str,
+    seed: u64,
+    data: &Path,
+    unseen: Option<&(
+        AppConfig,
+        Vec<Question>,
+        searchloop_demo::help_center::RunningHelpCenter,
+    )>,
+) -> anyhow::Result<RunReport> {
+    let dir = args.workdir.join("runs").join(format!("{arm}-seed{seed}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config = run_config(args, base, arm, seed, data, &dir)?;
+    let progress_path = dir.join("rounds.jsonl");
+    let mut report: RunReport = match std::fs::read_to_string(dir.join("run.json")) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a run record", dir.join("run.json").display()))?,
+        Err(_) => RunReport {
+            arm: arm.to_string(),
+            seed,
+            base: None,
+            rounds: Vec::new(),
+            generalization_before: None,
+            generalization_after: None,
+            device: config.model.device.to_string(),
+        },
+    };
+    report.rounds = read_rounds(&progress_path)?;
+    println!(
+        "\n== {arm}, seed {seed}: {} of {} rounds done ({})",
+        report.rounds.len(),
+        args.rounds,
+        dir.display()
+    );
+    if report.rounds.len() >= args.rounds && report.generalization_after.is_some() {
+        return Ok(report);
+    }
+    let runtime = Runtime::start(config.clone()).await?;
+    if let Some(unseen) = unseen
+        && report.generalization_before.is_none()
+    {
+        let scores = evaluate_unseen(&runtime, unseen).await?;
+        print_scores("second catalog, base model", &scores);
+        report.generalization_before = Some(scores);
+        save_run(&dir, &report)?;
+    }
+    let started = Instant::now();
+    while report.rounds.len() < args.rounds {
+        if args.minutes > 0.0 && started.elapsed().as_secs_f64() > args.minutes * 60.0 {
+            println!("  time budget of {} min spent", args.minutes);
+            break;
+        }
+        let round = report.rounds.len() + 1;
+        let round_started = Instant::now();
+        let line = match runtime.train_now().await {
+            Ok(outcome) => {
+                if report.base.is_none() && outcome.incumbent.is_none() {
+                    report.base = outcome.incumbent_eval.clone();
+                    if let Some(base) = &report.base {
+                        print_scores("held-out, base model", base);
+                    }
+                }
+                round_line(round, &outcome, round_started)
+            }
+            Err(RuntimeError::Loop(LoopError::Learn(LearnError::NoData(reason)))) => RoundLine {
+                round,
+                served: report.rounds.last().and_then(|l| l.served.clone()),
+                candidate: None,
+                promoted: false,
+                reason: Some(reason),
+                seconds: round_started.elapsed().as_secs_f64(),
+                rollout_seconds: 0.0,
+                train_seconds: 0.0,
+                informative_groups: 0,
+                rollout_prompts: 0,
+            },
+            Err(e) => return Err(e).context(format!("round {round} of {arm}, seed {seed}")),
+        };
+        print_round(&line);
+        append_round(&progress_path, &line)?;
+        report.rounds.push(line);
+        save_run(&dir, &report)?;
+    }
+    if let Some(unseen) = unseen {
+        let scores = evaluate_unseen(&runtime, unseen).await?;
+        print_scores("second catalog, served model", &scores);
+        report.generalization_after = Some(scores);
+        save_run(&dir, &report)?;
+    }
+    runtime.store().close().await;
+    Ok(report)
+}
+
+/// The served model's held-out scores after a round: the candidate's when it was promoted,
+/// else the incumbent's (the gate measured both on the same questions and seeds).
+fn round_line(round: usize, outcome: &RoundReport, started: Instant) -> RoundLine {
+    let promoted = outcome.verdict == GateVerdict::Promote;
+    let served = if promoted {
+        outcome.candidate_eval.clone()
+    } else {
+        outcome.incumbent_eval.clone()
+    };
+    let summary = outcome.summary.as_ref();
+    RoundLine {
+        round,
+        served,
+        candidate: Some(outcome.candidate),
+        promoted,
+        reason: match &outcome.verdict {
+            GateVerdict::Reject { reason } => Some(reason.clone()),
+            GateVerdict::Promote => None,
+        },
+        seconds: started.elapsed().as_secs_f64(),
+        rollout_seconds: summary.map_or(0.0, |s| s.rollout_seconds),
+        train_seconds: summary.map_or(0.0, |s| s.train_seconds),
+        informative_groups: summary.map_or(0, |s| s.informative_groups),
+        rollout_prompts: summary.map_or(0, |s| s.rollout_prompts),
+    }
+}
+
+/// The served model on the second catalog's tools and questions.
+async fn evaluate_unseen(
+    runtime: &Runtime,
+    unseen: &(
+        AppConfig,
+        Vec<Question>,
+        searchloop_demo::help_center::RunningHelpCenter,
+    ),
+) -> anyhow::Result<EvalReport> {
+    let (config, items, _) = unseen;
+    let tools = Arc::new(service::build_tools(config).await?);
+    let agent = Agent::new(
+        Arc::new(PolicySlot::new(runtime.agent().policy().current())),
+        tools,
+        runtime.agent().config().clone(),
+    )?;
+    Ok(evaluate_observed(&agent, items, 0, EVAL_CONCURRENCY, &|_, _| {}).await?)
+}
+
+fn read_rounds(path: &Path) -> anyhow::Result<Vec<RoundLine>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}: line {} is not a round", path.display(), i + 1))
+        })
+        .collect()
+}
+
+fn append_round(path: &Path, line: &RoundLine) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(file, "{}", serde_json::to_string(line)?)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+fn save_run(dir: &Path, report: &RunReport) -> anyhow::Result<()> {
+    let path = dir.join("run.json");
+    let temporary = dir.join(".run.json.tmp");
+    std::fs::write(&temporary, serde_json::to_string_pretty(report)?)?;
+    std::fs::rename(&temporary, &path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+fn print_scores(what: &str, r: &EvalReport) {
+    let tools = r
+        .right_tools
+        .map(|t| format!(", right tools {t:.2}"))
+        .unwrap_or_default();
+    println!(
+        "  {what}: EM {:.3}  F1 {:.3}  ({} questions{tools})",
+        r.em, r.f1, r.n
+    );
+    for (kind, k) in &r.by_kind {
+        let tools = k
+            .right_tools
+            .map(|t| format!(", right tools {t:.2}"))
+            .unwrap_or_default();
+        println!(
+            "    {kind:<12} EM {:.3}  F1 {:.3}  ({}{tools})",
+            k.em, k.f1, k.n
+        );
+    }
+}
+
+fn print_round(line: &RoundLine) {
+    let verdict = match (line.candidate, line.promoted) {
+        (None, _) => "no candidate".to_string(),
+        (Some(v), true) => format!("v{v} promoted"),
+        (Some(v), false) => format!("v{v} rejected"),
+    };
+    println!(
+        "  round {}: {verdict} in {:.0} s (sampling {:.0} s, {} of {} groups informative)",
+        line.round,
+        line.seconds,
+        line.rollout_seconds,
+        line.informative_groups,
+        line.rollout_prompts
+    );
+    if let Some(reason) = &line.reason {
+        println!("    {reason}");
+    }
+    if let Some(served) = &line.served {
+        print_scores("held-out, served model", served);
+    }
+}
+
+/// Mean, minimum and maximum of `values`.
+fn spread(values: &[f64]) -> Option<(f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((mean, lo, hi))
+}
+
+/// Held-out EM of a run after round `r` (0: the base model), carried forward past the last.
+fn em_at(run: &RunReport, r: usize) -> Option<f64> {
+    if r == 0 {
+        return run.base.as_ref().map(|b| b.em);
+    }
+    run.rounds
+        .iter()
+        .take(r)
+        .filter_map(|l| l.served.as_ref())
+        .next_back()
+        .map(|s| s.em)
+        .or_else(|| run.base.as_ref().map(|b| b.em))
+}
+
+fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(
+        out.join("learning.json"),
+        serde_json::to_string_pretty(reports)?,
+    )?;
+    let mut arms: Vec<&str> = Vec::new();
+    for r in reports {
+        if !arms.contains(&r.arm.as_str()) {
+            arms.push(&r.arm);
+        }
+    }
+    let mut md = String::new();
+    md.push_str("| arm | seeds | round 0 (base) |");
+    for r in 1..=args.rounds {
+        md.push_str(&format!(" round {r} |"));
+    }
+    md.push_str(" second catalog before → after | right tools before → after |\n|---|---|---|");
+    md.push_str(&"---|".repeat(args.rounds + 2));
+    md.push('\n');
+    let mut series = Vec::new();
+    for arm in &arms {
+        let runs: Vec<&RunReport> = reports.iter().filter(|r| r.arm == *arm).collect();
+        md.push_str(&format!("| {arm} | {} |", runs.len()));
+        let mut points = Vec::new();
+        let mut band = Vec::new();
+        for round in 0..=args.rounds {
+            let values: Vec<f64> = runs.iter().filter_map(|r| em_at(r, round)).collect();
+            match spread(&values) {
+                Some((mean, lo, hi)) => {
+                    md.push_str(&format!(" {mean:.3} ({lo:.3}–{hi:.3}) |"));
+                    points.push((round as f64, mean));
+                    band.push((round as f64, lo, hi));
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        let mean_of = |f: &dyn Fn(&RunReport) -> Option<f64>| {
+            spread(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
+                .map_or_else(|| "–".to_string(), |(m, _, _)| format!("{m:.3}"))
+        };
+        md.push_str(&format!(
+            " {} → {} | {} → {} |\n",
+            mean_of(&|r| r.generalization_before.as_ref().map(|g| g.em)),
+            mean_of(&|r| r.generalization_after.as_ref().map(|g| g.em)),
+            mean_of(&|r| r.base.as_ref().and_then(|b| b.right_tools)),
+            mean_of(&|r| {
+                r.rounds
+                    .iter()
+                    .filter_map(|l| l.served.as_ref())
+                    .next_back()
+                    .and_then(|s| s.right_tools)
+            }),
+        ));
+        series.push(Series {
+            label: (*arm).to_string(),
+            points,
+            band,
+        });
+    }
+    md.push_str("\nHeld-out EM per question kind after the last round (mean over seeds):\n\n");
+    let mut kinds: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+    for r in reports {
+        let last = r
+            .rounds
+            .iter()
+            .filter_map(|l| l.served.as_ref())
+            .next_back()
+            .or(r.base.as_ref());
+        for (kind, k) in last.map(|s| s.by_kind.iter()).into_iter().flatten() {
+            kinds
+                .entry(kind.clone())
+                .or_default()
+                .entry(r.arm.clone())
+                .or_default()
+                .push(k.em);
+        }
+    }
+    md.push_str("| kind |");
+    for arm in &arms {
+        md.push_str(&format!(" {arm} |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(arms.len()));
+    md.push('\n');
+    for (kind, by_arm) in &kinds {
+        md.push_str(&format!("| {kind} |"));
+        for arm in &arms {
+            let value = by_arm
+                .get(*arm)
+                .and_then(|v| spread(v))
+                .map_or_else(|| "–".to_string(), |(m, _, _)| format!("{m:.3}"));
+            md.push_str(&format!(" {value} |"));
+        }
+        md.push('\n');
+    }
+    std::fs::write(out.join("learning.md"), &md)?;
+    let panel = Panel {
+        title: "held-out EM of the served model (mean, band: min–max over seeds)".into(),
+        x_label: "round".into(),
+        series,
+    };
+    for name in ["learning.svg", "learning.png"] {
+        draw_panels(
+            std::slice::from_ref(&panel),
+            (1, 1),
+            args.rounds.max(1) as f64,
+            &out.join(name),
+        )?;
+    }
+    println!("\n{md}");
+    Ok(())
+}

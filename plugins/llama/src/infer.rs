@@ -1,0 +1,1289 @@
+//! Serving-time forward passes: many sequences at once, each with its own cache of keys and
+//! values, so a step decodes every running sequence's next token in one pass and a new prompt is
+//! prefilled in the same pass, after whatever prefix of it is already cached.
+//!
+//! The weights are those of [`crate::gguf`], dense f32 or quantized ([`WeightsEncoding`]), in
+//! GGUF layout: llama's q/k rows are permuted for the interleaved rope, as in the trainer.
+//!
+//! A step is a flat [`TokenBatch`]: every token names its sequence's cache slot and position.
+//! Projections and the MLP run on all of them together; attention runs per token over its own
+//! sequence's keys up to its position, so the tokens of a prompt attend causally to each other
+//! and to the cached prefix. Two caches implement that:
+//!
+//! - [`KvCache::host`] (the CPU): each slot's keys and values are growable host vectors, and a
+//!   parallel kernel reads exactly the keys each query sees: no padding, no copies.
+//! - [`KvCache::device`] (a GPU; also runnable on the CPU, which is how it is tested): every slot
+//!   is a fixed-size region of one tensor per layer; a step writes its rows with one scatter and
+//!   attends with batched tensor ops, decode tokens of all slots together over a padded, masked
+//!   gather, prompt segments each over their slot.
+
+use std::path::Path;
+
+use candle_core::{
+    DType, Device, Module, Tensor,
+    quantized::{GgmlDType, QMatMul, QStorage, QTensor},
+};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::{LlamaError, Result},
+    fused::axpy,
+    gguf::{GgufFile, LlamaConfig, RopeStyle},
+};
+
+/// How the weights are encoded in memory while serving.
+///
+/// candle 0.10 has SIMD dot products for Q4_0, Q8_0 and the K-quants but not for Q4_1 (the
+/// default model's encoding), so re-encoding can be several times faster. The candle engine
+/// re-encodes in memory at load; mistral.rs loads a re-encoded copy written once to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsEncoding {
+    /// The file as it is.
+    #[default]
+    Original,
+    /// Every quantized matrix re-encoded to Q8_0 (8-bit, one scale per 32 values): nearly
+    /// lossless from a 4-bit source, and fast.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// Every quantized matrix re-encoded to Q4_0 (4-bit, one scale per 32 values): smallest and
+    /// fast, but a second rounding of a 4-bit source.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// Every matrix dequantized to f32: exactly the weights the trainer computes with, at four
+    /// bytes per parameter.
+    #[serde(rename = "f32")]
+    F32,
+}
+
+impl WeightsEncoding {
+    /// The name used in configs, file names and model ids.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Original => "original",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::F32 => "f32",
+        }
+    }
+}
+
+impl std::fmt::Display for WeightsEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for WeightsEncoding {
+    type Err = LlamaError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "original" => Ok(Self::Original),
+            "q8_0" => Ok(Self::Q8_0),
+            "q4_0" => Ok(Self::Q4_0),
+            "f32" => Ok(Self::F32),
+            other => Err(LlamaError::Config(format!(
+                "unknown weights encoding {other:?}; expected original, q8_0, q4_0 or f32"
+            ))),
+        }
+    }
+}
+
+impl WeightsEncoding {
+    /// The GGML type matrices are re-encoded to (`None`: as stored; F32: dense).
+    pub fn reencoded_type(self) -> Option<GgmlDType> {
+        match self {
+            Self::Original => None,
+            Self::Q8_0 => Some(GgmlDType::Q8_0),
+            Self::Q4_0 => Some(GgmlDType::Q4_0),
+            Self::F32 => Some(GgmlDType::F32),
+        }
+    }
+}
+
+/// One linear layer, `x @ W^T + b`.
+#[derive(Debug)]
+enum Projection {
+    /// Dense weights `(out, in)`.
+    Dense {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// Quantized weights, multiplied by candle's quantized kernels.
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+impl Projection {
+    /// `x: (n, in)` to `(n, out)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, bias) = match self {
+            Projection::Dense { weight, bias } if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS => {
+                (x.apply_op2_no_bwd(weight, &FewRowsTimesWeight)?, bias)
+            }
+            Projection::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
+            Projection::Quantized { weight, bias } => (weight.forward(x)?, bias),
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Four dot products of `xs[r]` with `w` at once: four independent accumulator chains of
+/// eight lanes each, so the multiply-adds overlap instead of waiting on one another.
+#[inline]
+fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let mut lanes = [[0f32; 8]; 4];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        let wc = &w[c * 8..c * 8 + 8];
+        for (r, x) in xs.iter().enumerate() {
+            let xc = &x[c * 8..c * 8 + 8];
+            for l in 0..8 {
+                lanes[r][l] += xc[l] * wc[l];
+            }
+        }
+    }
+    let mut sums = [0f32; 4];
+    for (r, x) in xs.iter().enumerate() {
+        let tail: f32 = (chunks * 8..w.len()).map(|i| x[i] * w[i]).sum();
+        sums[r] = lanes[r].iter().sum::<f32>() + tail;
+    }
+    sums
+}
+
+/// One dot product, summed in the same order as each row of [`dot4`]: a row's value does not
+/// depend on which rows it was computed with, so a sequence decodes the same alone or in a
+/// batch.
+#[inline]
+fn dot8(x: &[f32], w: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            lanes[l] += x[c * 8 + l] * w[c * 8 + l];
+        }
+    }
+    let tail: f32 = (chunks * 8..w.len()).map(|i| x[i] * w[i]).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Rows up to which a dense CPU projection runs [`FewRowsTimesWeight`] rather than candle's
+/// matrix product: a decoding step has one row per sequence, and for a few rows the product
+/// is bound by reading the weights, which the general product packs into a new layout first.
+const FEW_ROWS: usize = 64;
+
+/// `x @ W^T` for a few rows of `x` `(m, k)` and a weight `W` `(n, k)` on the CPU: every weight
+/// row is read once, from where it lies, and multiplied with all rows of `x` while it is in
+/// the cache. Parallel over blocks of weight rows.
+struct FewRowsTimesWeight;
+
+/// Weight rows per parallel task.
+const WEIGHT_ROWS_PER_TASK: usize = 32;
+
+impl candle_core::CustomOp2 for FewRowsTimesWeight {
+    fn name(&self) -> &'static str {
+        "few-rows-times-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        ws: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (m, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 || !xl.is_contiguous() || !wl.is_contiguous() {
+            candle_core::bail!(
+                "few-rows-times-weight: {:?} by {:?}",
+                xl.shape(),
+                wl.shape()
+            );
+        }
+        let x = &xs.as_slice::<f32>()?[xl.start_offset()..][..m * k];
+        let w = &ws.as_slice::<f32>()?[wl.start_offset()..][..n * k];
+        // Computed transposed, `(n, m)`, so each task writes one contiguous block.
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(m * WEIGHT_ROWS_PER_TASK)
+            .enumerate()
+            .for_each(|(task, block)| {
+                for (j, out) in block.chunks_mut(m).enumerate() {
+                    let row = &w[(task * WEIGHT_ROWS_PER_TASK + j) * k..][..k];
+                    let mut i = 0;
+                    while i + 4 <= m {
+                        let sums = dot4(
+                            [
+                                &x[i * k..][..k],
+                                &x[(i + 1) * k..][..k],
+                                &x[(i + 2) * k..][..k],
+                                &x[(i + 3) * k..][..k],
+                            ],
+                            row,
+                        );
+                        out[i..i + 4].copy_from_slice(&sums);
+                        i += 4;
+                    }
+                    for (i, y) in out.iter_mut().enumerate().skip(i) {
+                        *y = dot8(&x[i * k..][..k], row);
+                    }
+                }
+            });
+        let mut y = vec![0f32; m * n];
+        for (o, column) in yt.chunks(m).enumerate() {
+            for (i, &value) in column.iter().enumerate() {
+                y[i * n + o] = value;
+            }
+        }
+        Ok((candle_core::CpuStorage::F32(y), (m, n).into()))
+    }
+}
+
+#[derive(Debug)]
+struct ServingLayer {
+    attn_norm: Tensor,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    ffn_norm: Tensor,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+/// A llama-family model loaded for serving.
+#[derive(Debug)]
+pub struct ServingModel {
+    config: LlamaConfig,
+    encoding: WeightsEncoding,
+    device: Device,
+    embed: Tensor,
+    layers: Vec<ServingLayer>,
+    output_norm: Tensor,
+    head: Projection,
+    inv_freq: Vec<f32>,
+}
+
+/// Reads tensors of a GGUF file into the requested encoding on the serving device.
+struct Loader<'a> {
+    file: GgufFile,
+    device: &'a Device,
+    encoding: WeightsEncoding,
+}
+
+impl Loader<'_> {
+    /// A dense f32 tensor (norms, biases, the embedding table).
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        self.file.dense(name, self.device, DType::F32)
+    }
+
+    /// A weight matrix as a projection in the serving encoding.
+    fn projection(&mut self, name: &str, bias: Option<&str>) -> Result<Projection> {
+        let bias = match bias {
+            Some(b) if self.file.has_tensor(b) => Some(self.dense(b)?),
+            _ => None,
+        };
+        let stored = self.file.qtensor(name)?;
+        let quantized = match self.encoding.reencoded_type() {
+            Some(GgmlDType::F32) => {
+                let weight = stored.dequantize(&Device::Cpu)?.to_device(self.device)?;
+                return Ok(Projection::Dense { weight, bias });
+            }
+            Some(target) if stored.dtype() != target => {
+                let dense = stored.dequantize(&Device::Cpu)?;
+                QTensor::quantize_onto(&dense, target, self.device)?
+            }
+            // Stored as wanted: the bytes move to the device unchanged.
+            _ => {
+                let storage = QStorage::from_data(stored.data()?, self.device, stored.dtype())?;
+                QTensor::new(storage, stored.shape().clone())?
+            }
+        };
+        Ok(Projection::Quantized {
+            weight: QMatMul::from_qtensor(quantized)?,
+            bias,
+        })
+    }
+}
+
+impl ServingModel {
+    /// Loads the GGUF file at `path` onto `device` with its matrices in `encoding` (norms,
+    /// biases and the embedding table are always dense f32).
+    pub fn load(path: &Path, device: &Device, encoding: WeightsEncoding) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let config = file.config()?;
+        let mut loader = Loader {
+            file,
+            device,
+            encoding,
+        };
+        let embed = loader.dense("token_embd.weight")?;
+        let head_name = if loader.file.has_tensor("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        let head = loader.projection(head_name, None)?;
+        let output_norm = loader.dense("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let name = |stem: &str| format!("blk.{i}.{stem}.weight");
+            let bias = |stem: &str| format!("blk.{i}.{stem}.bias");
+            layers.push(ServingLayer {
+                attn_norm: loader.dense(&name("attn_norm"))?,
+                q: loader.projection(&name("attn_q"), Some(&bias("attn_q")))?,
+                k: loader.projection(&name("attn_k"), Some(&bias("attn_k")))?,
+                v: loader.projection(&name("attn_v"), Some(&bias("attn_v")))?,
+                o: loader.projection(&name("attn_output"), Some(&bias("attn_output")))?,
+                ffn_norm: loader.dense(&name("ffn_norm"))?,
+                gate: loader.projection(&name("ffn_gate"), None)?,
+                up: loader.projection(&name("ffn_up"), None)?,
+                down: loader.projection(&name("ffn_down"), None)?,
+            });
+        }
+        let d = config.head_dim;
+        // The same angles as the trainer's, computed in f32 as GGML and candle do.
+        let inv_freq = (0..d)
+            .step_by(2)
+            .map(|i| 1f32 / (config.rope_theta as f32).powf(i as f32 / d as f32))
+            .collect();
+        Ok(Self {
+            config,
+            encoding,
+            device: device.clone(),
+            embed,
+            layers,
+            output_norm,
+            head,
+            inv_freq,
+        })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// How the matrices are encoded.
+    pub fn encoding(&self) -> WeightsEncoding {
+        self.encoding
+    }
+
+    /// Runs `batch` through the model, writing its keys and values into `kv`, and returns the
+    /// logits of the tokens at the indices `wanted` (in that order), one vocabulary-wide row
+    /// each. Every slot's tokens must continue its cache: positions `len, len + 1, ...` in
+    /// order. On an error the cache is left as it was before the step.
+    pub fn forward(
+        &self,
+        batch: &TokenBatch,
+        kv: &mut KvCache,
+        wanted: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let n = batch.len();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        if let Some(bad) = wanted.iter().find(|&&i| i >= n) {
+            return Err(LlamaError::InvalidInput(format!(
+                "logits asked for token {bad} of a batch of {n}"
+            )));
+        }
+        if let Some(bad) = batch
+            .ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(LlamaError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
+        }
+        let plan = kv.plan(batch)?;
+        let result = self.run(batch, kv, &plan, wanted);
+        match result {
+            Ok(logits) => {
+                kv.commit(&plan);
+                Ok(logits)
+            }
+            Err(e) => {
+                kv.rewind(&plan);
+                Err(e)
+            }
+        }
+    }
+
+    fn run(
+        &self,
+        batch: &TokenBatch,
+        kv: &mut KvCache,
+        plan: &StepPlan,
+        wanted: &[usize],
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let n = batch.len();
+        let ids = Tensor::from_slice(&batch.ids, n, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let (cos, sin) = self.rope_tables(&batch.positions)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        let eps = c.rms_eps as f32;
+        for (index, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
+            let q = layer.q.forward(&h)?;
+            let k = layer.k.forward(&h)?;
+            let v = layer.v.forward(&h)?;
+            let q = (self.rope(&q, c.n_head, &cos, &sin)? * scale)?;
+            let k = self.rope(&k, c.n_kv_head, &cos, &sin)?;
+            kv.append(index, &k, &v.contiguous()?, plan)?;
+            let attended = kv.attend(index, &q, plan)?;
+            x = (x + layer.o.forward(&attended)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
+            let mlp = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+            x = (x + layer.down.forward(&mlp)?)?;
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<u32> = wanted.iter().map(|&i| i as u32).collect();
+        let picked = x.index_select(&Tensor::from_vec(rows, wanted.len(), &self.device)?, 0)?;
+        let h = candle_nn::ops::rms_norm(&picked, &self.output_norm, eps)?;
+        Ok(self.head.forward(&h)?.to_vec2::<f32>()?)
+    }
+
+    /// cos/sin tables `(n, 1, head_dim / 2)`, one row per token position.
+    fn rope_tables(&self, positions: &[usize]) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let n = positions.len();
+        Ok((
+            Tensor::from_vec(cos, (n, 1, half), &self.device)?,
+            Tensor::from_vec(sin, (n, 1, half), &self.device)?,
+        ))
+    }
+
+    /// Rotates `x: (n, heads * head_dim)`, each token at its own position.
+    fn rope(&self, x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let d = self.config.head_dim;
+        let x = x.reshape((n, heads, 1, d))?.contiguous()?;
+        let rotated = match self.config.architecture.rope_style() {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, cos, sin)?,
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, cos, sin)?,
+        };
+        Ok(rotated.reshape((n, heads * d))?)
+    }
+}
+
+/// The tokens of one forward step, flattened: token `i` is `ids[i]` at `positions[i]` of the
+/// sequence in cache slot `slots[i]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenBatch {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// The cache slot of each token's sequence.
+    pub slots: Vec<SlotId>,
+    /// Each token's position in its sequence.
+    pub positions: Vec<usize>,
+}
+
+impl TokenBatch {
+    /// Adds the tokens `ids` of slot `slot`, starting at position `start`.
+    pub fn push_run(&mut self, slot: SlotId, start: usize, ids: &[u32]) {
+        for (offset, &id) in ids.iter().enumerate() {
+            self.ids.push(id);
+            self.slots.push(slot);
+            self.positions.push(start + offset);
+        }
+    }
+
+    /// Tokens in the batch.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// A sequence's place in a [`KvCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(usize);
+
+impl SlotId {
+    /// The slot's index.
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// What a step writes: each slot's run of new tokens, in batch order.
+#[derive(Debug, Clone)]
+struct StepPlan {
+    /// `(slot, first position, first token index, count)` of each run.
+    runs: Vec<Run>,
+    /// The run of each token.
+    run_of: Vec<usize>,
+    /// Each token's position.
+    positions: Vec<usize>,
+    /// Each token's slot.
+    slots: Vec<SlotId>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    slot: SlotId,
+    start: usize,
+    first: usize,
+    count: usize,
+}
+
+/// Keys and values of the sequences being served, by slot.
+#[derive(Debug)]
+pub struct KvCache {
+    kv_dim: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    storage: Storage,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Host(HostKv),
+    Device(DeviceKv),
+}
+
+/// Host vectors per slot and layer, `len * kv_dim` floats each.
+#[derive(Debug)]
+struct HostKv {
+    layers: usize,
+    slots: Vec<Option<HostSlot>>,
+}
+
+#[derive(Debug)]
+struct HostSlot {
+    len: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+/// One `(slots * capacity, kv_dim)` tensor per layer for keys and one for values.
+#[derive(Debug)]
+struct DeviceKv {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    capacity: usize,
+    lens: Vec<Option<usize>>,
+    device: Device,
+}
+
+impl KvCache {
+    /// The CPU cache: slots grow as their sequences do, and any number may exist.
+    pub fn host(config: &LlamaConfig) -> Self {
+        Self::with(
+            config,
+            Storage::Host(HostKv {
+                layers: config.n_layer,
+                slots: Vec::new(),
+            }),
+        )
+    }
+
+    /// A cache of `slots` slots of `capacity` tokens each, preallocated on `device`.
+    pub fn device(
+        config: &LlamaConfig,
+        device: &Device,
+        slots: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        if slots == 0 || capacity == 0 {
+            return Err(LlamaError::Config(
+                "a device cache needs at least one slot of at least one token".into(),
+            ));
+        }
+        let rows = slots * capacity;
+        let zeros = || Tensor::zeros((rows, config.kv_dim()), DType::F32, device);
+        let mut k = Vec::with_capacity(config.n_layer);
+        let mut v = Vec::with_capacity(config.n_layer);
+        for _ in 0..config.n_layer {
+            k.push(zeros()?);
+            v.push(zeros()?);
+        }
+        Ok(Self::with(
+            config,
+            Storage::Device(DeviceKv {
+                k,
+                v,
+                capacity,
+                lens: vec![None; slots],
+                device: device.clone(),
+            }),
+        ))
+    }
+
+    fn with(config: &LlamaConfig, storage: Storage) -> Self {
+        Self {
+            kv_dim: config.kv_dim(),
+            n_head: config.n_head,
+            n_kv_head: config.n_kv_head,
+            head_dim: config.head_dim,
+            storage,
+        }
+    }
+
+    /// Bytes one cached token takes (keys and values of every layer).
+    pub fn bytes_per_token(config: &LlamaConfig) -> usize {
+        2 * config.n_layer * config.kv_dim() * std::mem::size_of::<f32>()
+    }
+
+    /// Most tokens one slot holds (`None`: unbounded, the host cache).
+    pub fn slot_capacity(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::Host(_) => None,
+            Storage::Device(d) => Some(d.capacity),
+        }
+    }
+
+    /// A free slot for a sequence of up to `tokens` tokens, or `None` when none is free (the
+    /// device cache is full) or it does not fit a slot.
+    pub fn allocate(&mut self, tokens: usize) -> Option<SlotId> {
+        match &mut self.storage {
+            Storage::Host(h) => {
+                let slot = HostSlot {
+                    len: 0,
+                    k: (0..h.layers)
+                        .map(|_| Vec::with_capacity(tokens * self.kv_dim))
+                        .collect(),
+                    v: (0..h.layers)
+                        .map(|_| Vec::with_capacity(tokens * self.kv_dim))
+                        .collect(),
+                };
+                let index = match h.slots.iter().position(Option::is_none) {
+                    Some(free) => free,
+                    None => {
+                        h.slots.push(None);
+                        h.slots.len() - 1
+                    }
+                };
+                h.slots[index] = Some(slot);
+                Some(SlotId(index))
+            }
+            Storage::Device(d) => {
+                if tokens > d.capacity {
+                    return None;
+                }
+                let index = d.lens.iter().position(Option::is_none)?;
+                d.lens[index] = Some(0);
+                Some(SlotId(index))
+            }
+        }
+    }
+
+    /// Frees `slot`; its contents are gone.
+    pub fn release(&mut self, slot: SlotId) {
+        match &mut self.storage {
+            Storage::Host(h) => {
+                if let Some(s) = h.slots.get_mut(slot.0) {
+                    *s = None;
+                }
+            }
+            Storage::Device(d) => {
+                if let Some(len) = d.lens.get_mut(slot.0) {
+                    *len = None;
+                }
+            }
+        }
+    }
+
+    /// Tokens cached in `slot` (0 for a free slot).
+    pub fn len(&self, slot: SlotId) -> usize {
+        match &self.storage {
+            Storage::Host(h) => h
+                .slots
+                .get(slot.0)
+                .and_then(Option::as_ref)
+                .map_or(0, |s| s.len),
+            Storage::Device(d) => d.lens.get(slot.0).copied().flatten().unwrap_or(0),
+        }
+    }
+
+    /// Slots in use.
+    pub fn slots_in_use(&self) -> usize {
+        match &self.storage {
+            Storage::Host(h) => h.slots.iter().filter(|s| s.is_some()).count(),
+            Storage::Device(d) => d.lens.iter().filter(|s| s.is_some()).count(),
+        }
+    }
+
+    /// Copies the first `n` cached tokens of `from` into `to`, which must be empty: `to` then
+    /// continues from position `n` exactly as if it had computed them itself.
+    pub fn copy_prefix(&mut self, from: SlotId, to: SlotId, n: usize) -> Result<()> {
+        if from == to {
+            return Err(LlamaError::InvalidInput("a slot cannot copy itself".into()));
+        }
+        if n > self.len(from) || self.len(to) != 0 || !self.in_use(to) {
+            return Err(LlamaError::InvalidInput(format!(
+                "cannot copy {n} tokens from slot {} (holding {}) into slot {} (holding {})",
+                from.0,
+                self.len(from),
+                to.0,
+                self.len(to)
+            )));
+        }
+        let kv_dim = self.kv_dim;
+        match &mut self.storage {
+            Storage::Host(h) => {
+                let (k, v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = {
+                    let source = h.slots[from.0].as_ref().ok_or_else(|| free_slot(from))?;
+                    (
+                        source.k.iter().map(|l| l[..n * kv_dim].to_vec()).collect(),
+                        source.v.iter().map(|l| l[..n * kv_dim].to_vec()).collect(),
+                    )
+                };
+                let target = h.slots[to.0].as_mut().ok_or_else(|| free_slot(to))?;
+                for (layer, (k, v)) in k.into_iter().zip(v).enumerate() {
+                    target.k[layer].extend_from_slice(&k);
+                    target.v[layer].extend_from_slice(&v);
+                }
+                target.len = n;
+            }
+            Storage::Device(d) => {
+                if n > 0 {
+                    let (a, b) = (from.0 * d.capacity, to.0 * d.capacity);
+                    for layer in 0..d.k.len() {
+                        for cache in [&d.k[layer], &d.v[layer]] {
+                            let rows = cache.narrow(0, a, n)?.copy()?;
+                            cache.slice_set(&rows, 0, b)?;
+                        }
+                    }
+                }
+                d.lens[to.0] = Some(n);
+            }
+        }
+        Ok(())
+    }
+
+    fn in_use(&self, slot: SlotId) -> bool {
+        match &self.storage {
+            Storage::Host(h) => h.slots.get(slot.0).is_some_and(Option::is_some),
+            Storage::Device(d) => d.lens.get(slot.0).is_some_and(Option::is_some),
+        }
+    }
+
+    /// Checks that every slot's tokens continue its cache and fit it, and groups them into runs.
+    fn plan(&self, batch: &TokenBatch) -> Result<StepPlan> {
+        let n = batch.len();
+        if batch.slots.len() != n || batch.positions.len() != n {
+            return Err(LlamaError::InvalidInput(
+                "a token batch needs one slot and one position per token".into(),
+            ));
+        }
+        let mut runs: Vec<Run> = Vec::new();
+        let mut run_of = Vec::with_capacity(n);
+        let mut next: std::collections::HashMap<SlotId, usize> = Default::default();
+        for i in 0..n {
+            let (slot, position) = (batch.slots[i], batch.positions[i]);
+            if !self.in_use(slot) {
+                return Err(free_slot(slot));
+            }
+            let expected = *next.entry(slot).or_insert_with(|| self.len(slot));
+            if position != expected {
+                return Err(LlamaError::InvalidInput(format!(
+                    "token {i} is at position {position} of slot {}, which continues at {expected}",
+                    slot.0
+                )));
+            }
+            if let Some(capacity) = self.slot_capacity()
+                && position >= capacity
+            {
+                return Err(LlamaError::InvalidInput(format!(
+                    "position {position} does not fit a cache slot of {capacity} tokens"
+                )));
+            }
+            next.insert(slot, position + 1);
+            match runs.last_mut() {
+                Some(run) if run.slot == slot && run.start + run.count == position => {
+                    run.count += 1;
+                }
+                _ => runs.push(Run {
+                    slot,
+                    start: position,
+                    first: i,
+                    count: 1,
+                }),
+            }
+            run_of.push(runs.len() - 1);
+        }
+        Ok(StepPlan {
+            runs,
+            run_of,
+            positions: batch.positions.clone(),
+            slots: batch.slots.clone(),
+        })
+    }
+
+    /// Makes a successful step's tokens part of their slots.
+    fn commit(&mut self, plan: &StepPlan) {
+        for run in &plan.runs {
+            let end = run.start + run.count;
+            match &mut self.storage {
+                Storage::Host(h) => {
+                    if let Some(Some(slot)) = h.slots.get_mut(run.slot.0) {
+                        slot.len = slot.len.max(end);
+                    }
+                }
+                Storage::Device(d) => {
+                    if let Some(Some(len)) = d.lens.get_mut(run.slot.0) {
+                        *len = (*len).max(end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets whatever a failed step wrote: host slots drop rows past their length (a device
+    /// slot's stale rows are overwritten by the next write to them).
+    fn rewind(&mut self, plan: &StepPlan) {
+        if let Storage::Host(h) = &mut self.storage {
+            for run in &plan.runs {
+                if let Some(Some(slot)) = h.slots.get_mut(run.slot.0) {
+                    let keep = slot.len * self.kv_dim;
+                    slot.k.iter_mut().for_each(|l| l.truncate(keep));
+                    slot.v.iter_mut().for_each(|l| l.truncate(keep));
+                }
+            }
+        }
+    }
+
+    /// Writes one layer's keys and values `(n, kv_dim)` of the step's tokens.
+    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor, plan: &StepPlan) -> Result<()> {
+        let kv_dim = self.kv_dim;
+        match &mut self.storage {
+            Storage::Host(h) => {
+                let (k, v) = (host_rows(k)?, host_rows(v)?);
+                for run in &plan.runs {
+                    let slot = h.slots[run.slot.0]
+                        .as_mut()
+                        .ok_or_else(|| free_slot(run.slot))?;
+                    let rows = run.first * kv_dim..(run.first + run.count) * kv_dim;
+                    slot.k[layer].truncate(run.start * kv_dim);
+                    slot.v[layer].truncate(run.start * kv_dim);
+                    slot.k[layer].extend_from_slice(&k[rows.clone()]);
+                    slot.v[layer].extend_from_slice(&v[rows]);
+                }
+            }
+            Storage::Device(d) => {
+                let n = plan.positions.len();
+                let mut index = Vec::with_capacity(n * kv_dim);
+                for (slot, position) in plan.slots.iter().zip(&plan.positions) {
+                    let row = (slot.0 * d.capacity + position) as u32;
+                    index.extend(std::iter::repeat_n(row, kv_dim));
+                }
+                let index = Tensor::from_vec(index, (n, kv_dim), &d.device)?;
+                d.k[layer].scatter_set(&index, k, 0)?;
+                d.v[layer].scatter_set(&index, v, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of the step's queries `(n, n_head * head_dim)` (roped and scaled), each over
+    /// its slot's keys up to and including its own position.
+    fn attend(&self, layer: usize, q: &Tensor, plan: &StepPlan) -> Result<Tensor> {
+        match &self.storage {
+            Storage::Host(h) => self.attend_host(h, layer, q, plan),
+            Storage::Device(d) => self.attend_device(d, layer, q, plan),
+        }
+    }
+
+    fn attend_host(&self, h: &HostKv, layer: usize, q: &Tensor, plan: &StepPlan) -> Result<Tensor> {
+        let (n, width) = q.dims2()?;
+        let queries = host_rows(q)?;
+        let (d, kv_dim) = (self.head_dim, self.kv_dim);
+        let rep = self.n_head / self.n_kv_head;
+        let mut slots = Vec::with_capacity(plan.runs.len());
+        for run in &plan.runs {
+            slots.push(
+                h.slots[run.slot.0]
+                    .as_ref()
+                    .ok_or_else(|| free_slot(run.slot))?,
+            );
+        }
+        let mut out = vec![0f32; n * width];
+        out.par_chunks_mut(d).enumerate().for_each_init(
+            Vec::new,
+            |scores: &mut Vec<f32>, (row, o)| {
+                let (token, head) = (row / self.n_head, row % self.n_head);
+                let slot = slots[plan.run_of[token]];
+                let (keys, values) = (&slot.k[layer], &slot.v[layer]);
+                let offset = (head / rep) * d;
+                let query = &queries[token * width + head * d..][..d];
+                let visible = plan.positions[token] + 1;
+                scores.clear();
+                scores.extend((0..visible).map(|j| dot8(query, &keys[j * kv_dim + offset..][..d])));
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                for (j, &weight) in scores.iter().enumerate() {
+                    axpy(o, weight / total, &values[j * kv_dim + offset..][..d]);
+                }
+            },
+        );
+        Ok(Tensor::from_vec(out, (n, width), q.device())?)
+    }
+
+    fn attend_device(
+        &self,
+        d: &DeviceKv,
+        layer: usize,
+        q: &Tensor,
+        plan: &StepPlan,
+    ) -> Result<Tensor> {
+        let (n, width) = q.dims2()?;
+        let (nh, nkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
+        let rep = nh / nkv;
+        let (keys, values) = (&d.k[layer], &d.v[layer]);
+        // Decode tokens (runs of one) of every slot attend together; longer runs (prompts)
+        // attend one by one over their own slot.
+        let singles: Vec<&Run> = plan.runs.iter().filter(|r| r.count == 1).collect();
+        let mut parts: Vec<(Vec<u32>, Tensor)> = Vec::new();
+        if !singles.is_empty() {
+            let b = singles.len();
+            let longest = singles.iter().map(|r| r.start + 1).max().unwrap_or(1);
+            let mut rows = Vec::with_capacity(b * longest);
+            let mut mask = Vec::with_capacity(b * longest);
+            for run in &singles {
+                let base = (run.slot.0 * d.capacity) as u32;
+                for j in 0..longest {
+                    // Past a slot's own keys, read its first row (any valid row) and mask it.
+                    let visible = j <= run.start;
+                    rows.push(base + if visible { j as u32 } else { 0 });
+                    mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                }
+            }
+            let rows = Tensor::from_vec(rows, b * longest, &d.device)?;
+            let gather = |cache: &Tensor| -> Result<Tensor> {
+                Ok(cache
+                    .index_select(&rows, 0)?
+                    .reshape((b, longest, nkv, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (k, v) = (gather(keys)?, gather(values)?);
+            let tokens: Vec<u32> = singles.iter().map(|r| r.first as u32).collect();
+            let index = Tensor::from_vec(tokens.clone(), b, &d.device)?;
+            let q = q.index_select(&index, 0)?.reshape((b, nkv, rep, hd))?;
+            let mask = Tensor::from_vec(mask, (b, 1, 1, longest), &d.device)?;
+            let scores = q.matmul(&k.transpose(2, 3)?)?.broadcast_add(&mask)?;
+            let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+            parts.push((tokens, weights.matmul(&v)?.reshape((b, width))?));
+        }
+        for run in plan.runs.iter().filter(|r| r.count > 1) {
+            let t = run.count;
+            let visible = run.start + t;
+            let base = run.slot.0 * d.capacity;
+            let slice = |cache: &Tensor| -> Result<Tensor> {
+                Ok(cache
+                    .narrow(0, base, visible)?
+                    .reshape((visible, nkv, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
+            };
+            let (k, v) = (slice(keys)?, slice(values)?);
+            let q = q
+                .narrow(0, run.first, t)?
+                .reshape((t, nkv, rep, hd))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+                .reshape((nkv, rep * t, hd))?;
+            let mut mask = Vec::with_capacity(rep * t * visible);
+            for _ in 0..rep {
+                for i in 0..t {
+                    let last = run.start + i;
+                    mask.extend(
+                        (0..visible).map(|j| if j <= last { 0f32 } else { f32::NEG_INFINITY }),
+                    );
+                }
+            }
+            let mask = Tensor::from_vec(mask, (1, rep * t, visible), &d.device)?;
+            let scores = q.matmul(&k.transpose(1, 2)?)?.broadcast_add(&mask)?;
+            let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = weights
+                .matmul(&v)?
+                .reshape((nkv, rep, t, hd))?
+                .permute((2, 0, 1, 3))?
+                .reshape((t, width))?;
+            parts.push(((run.first..run.first + t).map(|i| i as u32).collect(), out));
+        }
+        // Back into batch order.
+        let mut order = vec![0u32; n];
+        let mut position = 0u32;
+        for (tokens, _) in &parts {
+            for &token in tokens {
+                order[token as usize] = position;
+                position += 1;
+            }
+        }
+        let stacked = Tensor::cat(&parts.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)?;
+        Ok(stacked.index_select(&Tensor::from_vec(order, n, &d.device)?, 0)?)
+    }
+}
+
+fn free_slot(slot: SlotId) -> LlamaError {
+    LlamaError::InvalidInput(format!("cache slot {} is not in use", slot.0))
+}
+
+/// A 2-D f32 tensor's rows, flattened, on the host.
+fn host_rows(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::gguf::Architecture;
+    use crate::model::Llama;
+    use crate::test_support::{cpu, tiny_config, write_gguf};
+
+    /// A tiny random model of `architecture` written as an F32 GGUF, with the trainer's copy.
+    fn tiny(
+        architecture: Architecture,
+        seed: u64,
+    ) -> (tempfile::TempDir, std::path::PathBuf, Llama) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        let model = Llama::random(tiny_config(architecture), seed, &cpu(), DType::F32).unwrap();
+        write_gguf(&model, GgmlDType::F32, &path);
+        // The trainer reads the file back, as serving does, so both see identical weights.
+        let trainer = Llama::load(&path, &cpu(), DType::F32).unwrap();
+        (dir, path, trainer)
+    }
+
+    /// The trainer's logits for the next token after each prefix of `ids`.
+    fn trainer_logits(model: &Llama, ids: &[u32]) -> Vec<Vec<f32>> {
+        let t = Tensor::new(ids, &cpu()).unwrap().unsqueeze(0).unwrap();
+        model
+            .forward(&t, None, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn caches(model: &ServingModel) -> Vec<(&'static str, KvCache)> {
+        vec![
+            ("host", KvCache::host(model.config())),
+            (
+                "device",
+                KvCache::device(model.config(), &cpu(), 6, 40).unwrap(),
+            ),
+        ]
+    }
+
+    /// Prefills `ids` in one step and returns the logits of its last token.
+    fn prefill(model: &ServingModel, kv: &mut KvCache, ids: &[u32]) -> (SlotId, Vec<f32>) {
+        let slot = kv.allocate(ids.len() + 8).unwrap();
+        let mut batch = TokenBatch::default();
+        batch.push_run(slot, 0, ids);
+        let logits = model.forward(&batch, kv, &[ids.len() - 1]).unwrap();
+        (slot, logits.into_iter().next().unwrap())
+    }
+
+    #[test]
+    fn a_prefill_and_step_by_step_decoding_reproduce_the_trainer() {
+        for architecture in [Architecture::Llama, Architecture::Qwen2] {
+            let (_dir, path, trainer) = tiny(architecture, 11);
+            let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
+            let ids = [3u32, 17, 42, 8, 8, 61, 0, 29, 5];
+            let reference = trainer_logits(&trainer, &ids);
+            for (name, mut kv) in caches(&model) {
+                let (_, last) = prefill(&model, &mut kv, &ids);
+                assert!(
+                    max_diff(&last, &reference[8]) < 1e-4,
+                    "{name} {architecture:?}"
+                );
+                // A prompt of four tokens, then one token per step.
+                let slot = kv.allocate(ids.len()).unwrap();
+                let mut batch = TokenBatch::default();
+                batch.push_run(slot, 0, &ids[..4]);
+                let first = model.forward(&batch, &mut kv, &[3]).unwrap();
+                assert!(max_diff(&first[0], &reference[3]) < 1e-4, "{name}");
+                for (position, &id) in ids.iter().enumerate().skip(4) {
+                    let mut step = TokenBatch::default();
+                    step.push_run(slot, position, &[id]);
+                    let logits = model.forward(&step, &mut kv, &[0]).unwrap();
+                    assert!(
+                        max_diff(&logits[0], &reference[position]) < 1e-4,
+                        "{name} {architecture:?} at {position}"
+                    );
+                }
+                assert_eq!(kv.len(slot), ids.len());
+            }
+        }
+    }
+
+    #[test]
+    fn sequences_batched_together_score_as_if_alone() {
+        let (_dir, path, trainer) = tiny(Architecture::Llama, 12);
+        let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
+        let sequences: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[9, 9, 9], &[40, 30, 20, 10, 0]];
+        for (name, mut kv) in caches(&model) {
+            // Every sequence's first two tokens as prompts of one step, then the rest one per
+            // step, all sequences in the same steps while they last.
+            let slots: Vec<SlotId> = sequences
+                .iter()
+                .map(|s| kv.allocate(s.len()).unwrap())
+                .collect();
+            let mut batch = TokenBatch::default();
+            let mut wanted = Vec::new();
+            for (slot, seq) in slots.iter().zip(sequences) {
+                batch.push_run(*slot, 0, &seq[..2]);
+                wanted.push(batch.len() - 1);
+            }
+            let logits = model.forward(&batch, &mut kv, &wanted).unwrap();
+            for (row, seq) in logits.iter().zip(sequences) {
+                assert!(
+                    max_diff(row, &trainer_logits(&trainer, seq)[1]) < 1e-4,
+                    "{name}"
+                );
+            }
+            for position in 2..7 {
+                let mut step = TokenBatch::default();
+                let mut which = Vec::new();
+                for (slot, seq) in slots.iter().zip(sequences) {
+                    if position < seq.len() {
+                        step.push_run(*slot, position, &[seq[position]]);
+                        which.push(seq);
+                    }
+                }
+                let wanted: Vec<usize> = (0..step.len()).collect();
+                let logits = model.forward(&step, &mut kv, &wanted).unwrap();
+                for (row, seq) in logits.iter().zip(which) {
+                    let reference = &trainer_logits(&trainer, seq)[position];
+                    assert!(max_diff(row, reference) < 1e-4, "{name} at {position}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_copied_prefix_continues_exactly_like_a_recomputed_one() {
+        let (_dir, path, _) = tiny(Architecture::Llama, 13);
+        let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
+        let shared = [5u32, 6, 7, 8, 9, 10];
+        let tail = [11u32, 12, 13];
+        for (name, mut kv) in caches(&model) {
+            let (donor, _) = prefill(&model, &mut kv, &shared);
+            let fresh = {
+                let ids: Vec<u32> = shared.iter().chain(&tail).copied().collect();
+                prefill(&model, &mut kv, &ids).1
+            };
+            let reuse = kv.allocate(12).unwrap();
+            kv.copy_prefix(donor, reuse, 4).unwrap();
+            assert_eq!(kv.len(reuse), 4);
+            let mut batch = TokenBatch::default();
+            let rest: Vec<u32> = shared[4..].iter().chain(&tail).copied().collect();
+            batch.push_run(reuse, 4, &rest);
+            let reused = model.forward(&batch, &mut kv, &[rest.len() - 1]).unwrap();
+            assert!(max_diff(&reused[0], &fresh) < 1e-5, "{name}");
+            // The donor is untouched and the copy refuses a slot already in use.
+            assert_eq!(kv.len(donor), shared.len());
+            assert!(kv.copy_prefix(donor, reuse, 2).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_steps_are_refused_and_change_nothing() {
+        let (_dir, path, _) = tiny(Architecture::Llama, 14);
+        let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
+        for (name, mut kv) in caches(&model) {
+            let (slot, _) = prefill(&model, &mut kv, &[1, 2, 3]);
+            let mut gap = TokenBatch::default();
+            gap.push_run(slot, 5, &[4]);
+            let err = model.forward(&gap, &mut kv, &[0]).unwrap_err().to_string();
+            assert!(err.contains("continues at 3"), "{name}: {err}");
+            let mut outside = TokenBatch::default();
+            outside.push_run(slot, 3, &[64]);
+            let err = model
+                .forward(&outside, &mut kv, &[0])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("outside the vocabulary"), "{name}: {err}");
+            kv.release(slot);
+            let mut released = TokenBatch::default();
+            released.push_run(slot, 0, &[1]);
+            assert!(model.forward(&released, &mut kv, &[0]).is_err(), "{name}");
+            let mut fine = TokenBatch::default();
+            let again = kv.allocate(4).unwrap();
+            fine.push_run(again, 0, &[1, 2]);
+            assert!(
+                model.forward(&fine, &mut kv, &[2]).is_err(),
+                "{name}: index past the batch"
+            );
+            assert_eq!(kv.len(again), 0, "{name}: a refused step wrote nothing");
+        }
+        let mut small = KvCache::device(model.config(), &cpu(), 1, 4).unwrap();
+        assert!(small.allocate(5).is_none(), "a sequence longer than a slot");
+        let one = small.allocate(4).unwrap();
+        assert!(small.allocate(1).is_none(), "every slot in use");
+        small.release(one);
+        assert!(small.allocate(1).is_some());
+    }
+
+    #[test]
+    fn quantized_encodings_serve_close_to_f32() {
+        let (_dir, path, trainer) = tiny(Architecture::Llama, 15);
+        let ids = [7u32, 3, 50, 2];
+        let reference = &trainer_logits(&trainer, &ids)[3];
+        let spread = reference.iter().copied().fold(f32::MIN, f32::max)
+            - reference.iter().copied().fold(f32::MAX, f32::min);
+        for (encoding, tolerance) in [(WeightsEncoding::Q8_0, 0.02), (WeightsEncoding::Q4_0, 0.25)]
+        {
+            let model = ServingModel::load(&path, &cpu(), encoding).unwrap();
+            assert_eq!(model.encoding(), encoding);
+            let mut kv = KvCache::host(model.config());
+            let (_, logits) = prefill(&model, &mut kv, &ids);
+            let diff = max_diff(&logits, reference);
+            assert!(
+                diff < tolerance * spread,
+                "{encoding:?}: {diff} of {spread}"
+            );
+        }
+    }
+}
