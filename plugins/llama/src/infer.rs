@@ -135,25 +135,36 @@ impl Projection {
     }
 }
 
-/// Four dot products of `xs[r]` with `w` at once: four independent accumulator chains of
-/// eight lanes each, so the multiply-adds overlap instead of waiting on one another.
+/// Eight lanes of `acc + x * w`, written lane by lane with fused multiply-adds so that the
+/// compiler emits it as one vector instruction.
+#[inline(always)]
+fn lanes_fma(acc: [f32; 8], x: &[f32; 8], w: &[f32; 8]) -> [f32; 8] {
+    std::array::from_fn(|l| x[l].mul_add(w[l], acc[l]))
+}
+
+/// The eight-float chunks of `x`, and the remainder.
+#[inline(always)]
+fn chunks8(x: &[f32]) -> (&[[f32; 8]], &[f32]) {
+    x.as_chunks::<8>()
+}
+
+/// Four dot products of `xs[r]` with `w` at once: each in eight lanes, four independent
+/// accumulator chains, so the multiply-adds of a weight chunk overlap.
 #[inline]
 fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-    let mut lanes = [[0f32; 8]; 4];
-    let chunks = w.len() / 8;
-    for c in 0..chunks {
-        let wc = &w[c * 8..c * 8 + 8];
-        for (r, x) in xs.iter().enumerate() {
-            let xc = &x[c * 8..c * 8 + 8];
-            for l in 0..8 {
-                lanes[r][l] += xc[l] * wc[l];
-            }
-        }
+    let (wc, wt) = chunks8(w);
+    let rows = xs.map(chunks8);
+    let mut acc = [[0f32; 8]; 4];
+    for (i, wv) in wc.iter().enumerate() {
+        acc[0] = lanes_fma(acc[0], &rows[0].0[i], wv);
+        acc[1] = lanes_fma(acc[1], &rows[1].0[i], wv);
+        acc[2] = lanes_fma(acc[2], &rows[2].0[i], wv);
+        acc[3] = lanes_fma(acc[3], &rows[3].0[i], wv);
     }
     let mut sums = [0f32; 4];
-    for (r, x) in xs.iter().enumerate() {
-        let tail: f32 = (chunks * 8..w.len()).map(|i| x[i] * w[i]).sum();
-        sums[r] = lanes[r].iter().sum::<f32>() + tail;
+    for r in 0..4 {
+        let tail: f32 = rows[r].1.iter().zip(wt).map(|(a, b)| a * b).sum();
+        sums[r] = acc[r].iter().sum::<f32>() + tail;
     }
     sums
 }
@@ -163,15 +174,13 @@ fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
 /// batch.
 #[inline]
 fn dot8(x: &[f32], w: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let chunks = w.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            lanes[l] += x[c * 8 + l] * w[c * 8 + l];
-        }
+    let ((wc, wt), (xc, xt)) = (chunks8(w), chunks8(x));
+    let mut acc = [0f32; 8];
+    for (wv, xv) in wc.iter().zip(xc) {
+        acc = lanes_fma(acc, xv, wv);
     }
-    let tail: f32 = (chunks * 8..w.len()).map(|i| x[i] * w[i]).sum();
-    lanes.iter().sum::<f32>() + tail
+    let tail: f32 = xt.iter().zip(wt).map(|(a, b)| a * b).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Rows up to which a dense CPU projection runs [`FewRowsTimesWeight`] rather than candle's
