@@ -16,7 +16,7 @@ use searchloop_learn::{
 };
 use searchloop_runtime::{AppConfig, Runtime, service};
 use searchloop_store_sql::Store;
-use searchloop_train_sapo::StepMetrics;
+use searchloop_train_sapo::{IsCorrection, LossKind, OldLogprobSource, StepMetrics};
 
 /// Options of `searchloop train`.
 #[derive(Debug, clap::Args)]
@@ -28,12 +28,35 @@ pub struct TrainArgs {
     /// mini-batches, in more PPO epochs when it has fewer sequences than steps.
     #[arg(long)]
     pub steps: Option<usize>,
+    /// The policy loss: grpo, sapo, gspo, cispo or llds (`[learn.round.trainer.loss] kind`).
+    #[arg(long, value_parser = config_name::<LossKind>)]
+    pub loss: Option<LossKind>,
     /// SAPO weight w (0 is plain GRPO).
     #[arg(long)]
     pub w: Option<f64>,
     /// SAPO ratio threshold t.
     #[arg(long)]
     pub t: Option<f64>,
+    /// LLDS weight λ.
+    #[arg(long)]
+    pub llds_lambda: Option<f64>,
+    /// The PPO clip range above 1 when it differs from the one below (DAPO's clip-higher).
+    #[arg(long)]
+    pub clip_eps_high: Option<f64>,
+    /// Sampler→behaviour correction: none, tis, mis, icepop or geo. Any but none needs
+    /// recomputed behaviour log-probs (`--old-logprobs recompute`).
+    #[arg(long, value_parser = config_name::<IsCorrection>)]
+    pub is_correction: Option<IsCorrection>,
+    /// Lower bound of the correction's band on π_old / π_sampler.
+    #[arg(long)]
+    pub is_min: Option<f64>,
+    /// Upper bound of the correction's band on π_old / π_sampler.
+    #[arg(long)]
+    pub is_max: Option<f64>,
+    /// Where the behaviour log-probs come from: behaviour (the sampler's record) or recompute
+    /// (the trainer's recomputation, keeping the record for a correction).
+    #[arg(long, value_parser = config_name::<OldLogprobSource>)]
+    pub old_logprobs: Option<OldLogprobSource>,
     /// Episodes per replay prompt (G).
     #[arg(long)]
     pub group_size: Option<usize>,
@@ -71,6 +94,12 @@ pub enum SourceArg {
     Feedback,
     /// Both.
     Both,
+}
+
+/// Parses a value by the name config files give it, so that the command line and the config
+/// accept the same words.
+fn config_name<T: serde::de::DeserializeOwned>(name: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(name.to_string())).map_err(|e| e.to_string())
 }
 
 /// Options of `searchloop eval`.
@@ -124,11 +153,33 @@ fn configured_round(config: &AppConfig) -> RoundConfig {
 
 /// Applies the command-line overrides to `round`.
 fn apply_overrides(round: &mut RoundConfig, args: &TrainArgs) {
+    let loss = &mut round.trainer.loss;
+    if let Some(kind) = args.loss {
+        loss.kind = kind;
+    }
     if let Some(w) = args.w {
-        round.trainer.loss.sapo_weight = w;
+        loss.sapo_weight = w;
     }
     if let Some(t) = args.t {
-        round.trainer.loss.sapo_threshold = t;
+        loss.sapo_threshold = t;
+    }
+    if let Some(lambda) = args.llds_lambda {
+        loss.llds_lambda = lambda;
+    }
+    if let Some(high) = args.clip_eps_high {
+        loss.clip_eps_high = Some(high);
+    }
+    if let Some(correction) = args.is_correction {
+        loss.is_correction = correction;
+    }
+    if let Some(min) = args.is_min {
+        loss.is_min = Some(min);
+    }
+    if let Some(max) = args.is_max {
+        loss.is_max = Some(max);
+    }
+    if let Some(source) = args.old_logprobs {
+        round.trainer.old_logprobs = source;
     }
     if let Some(g) = args.group_size {
         round.group_size = g;
@@ -373,8 +424,15 @@ mod tests {
         TrainArgs {
             once: true,
             steps,
+            loss: None,
             w: Some(0.0),
             t: Some(0.7),
+            llds_lambda: None,
+            clip_eps_high: None,
+            is_correction: None,
+            is_min: None,
+            is_max: None,
+            old_logprobs: None,
             group_size: Some(8),
             prompts: Some(4),
             lr: None,
@@ -404,5 +462,55 @@ mod tests {
         assert_eq!(round.source, GroupSource::Replay);
         assert_eq!(round.threads, 2);
         round.validate().unwrap();
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    #[test]
+    fn loss_flags_choose_the_loss_and_its_correction() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "train",
+            "--once",
+            "--loss",
+            "llds",
+            "--llds-lambda",
+            "0.3",
+            "--clip-eps-high",
+            "0.28",
+            "--is-correction",
+            "tis",
+            "--is-max",
+            "3",
+            "--old-logprobs",
+            "recompute",
+        ])
+        .unwrap();
+        let mut round = RoundConfig::default();
+        apply_overrides(&mut round, &cli.train);
+        let loss = &round.trainer.loss;
+        assert_eq!(loss.kind, LossKind::Llds);
+        assert_eq!(loss.llds_lambda, 0.3);
+        assert_eq!(loss.clip_eps_high, Some(0.28));
+        assert_eq!(loss.is_correction, IsCorrection::Tis);
+        assert_eq!(loss.is_band(), Some((0.0, 3.0)));
+        assert_eq!(round.trainer.old_logprobs, OldLogprobSource::Recompute);
+        round.validate().unwrap();
+        // Without recomputed log-probs the correction is refused before any work.
+        let cli = Cli::try_parse_from(["train", "--once", "--is-correction", "mis"]).unwrap();
+        let mut round = RoundConfig::default();
+        apply_overrides(&mut round, &cli.train);
+        let err = round.validate().unwrap_err().to_string();
+        assert!(err.contains("old_logprobs"), "{err}");
+        // Unknown names are refused by the parser, and the defaults stay without flags.
+        assert!(Cli::try_parse_from(["train", "--once", "--loss", "ppo"]).is_err());
+        let cli = Cli::try_parse_from(["train", "--once"]).unwrap();
+        let mut round = RoundConfig::default();
+        apply_overrides(&mut round, &cli.train);
+        assert_eq!(round, RoundConfig::default());
     }
 }

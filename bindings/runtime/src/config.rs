@@ -522,6 +522,59 @@ prompts = "data/train.jsonl"
     }
 
     #[test]
+    fn the_policy_loss_is_chosen_in_its_own_table() {
+        let dir = tempfile::tempdir().unwrap();
+        // A [learn] section is checked whole, eval set included.
+        std::fs::write(
+            dir.path().join("q.jsonl"),
+            "{\"question\":\"q\",\"answers\":[\"a\"]}\n",
+        )
+        .unwrap();
+        let load = |trainer: &str| {
+            let path = dir.path().join("loss.toml");
+            std::fs::write(
+                &path,
+                format!(
+                    "[[tools]]\nkind = \"catalog\"\nindex = \"x\"\n[learn.eval]\nset = \
+                     \"q.jsonl\"\n{trainer}"
+                ),
+            )
+            .unwrap();
+            AppConfig::load(&path)
+        };
+        let config = load(
+            r#"
+[learn.round.trainer]
+old_logprobs = "recompute"
+
+[learn.round.trainer.loss]
+kind = "llds"
+llds_lambda = 0.3
+clip_eps_high = 0.28
+is_correction = "tis"
+is_max = 3.0
+"#,
+        )
+        .unwrap();
+        let loss = &config.learn.as_ref().unwrap().round.trainer.loss;
+        assert_eq!(
+            (loss.kind.name(), loss.is_correction.name()),
+            ("llds", "tis")
+        );
+        assert_eq!((loss.llds_lambda, loss.clip_eps_high), (0.3, Some(0.28)));
+        assert_eq!(loss.is_band(), Some((0.0, 3.0)));
+        // A correction compares two log-probs, so it needs the recomputed one.
+        let err = load("[learn.round.trainer.loss]\nis_correction = \"icepop\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("old_logprobs = \"recompute\""), "{err}");
+        let err = load("[learn.round.trainer.loss]\nkind = \"ppo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ppo"), "{err}");
+    }
+
+    #[test]
     fn bad_files_give_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let cases = [

@@ -11,6 +11,7 @@ pub mod service;
 pub use config::AppConfig;
 pub use error::{Result, RuntimeError};
 pub use searchloop_loop::{
-    AdapterManager, LoopMetrics, PolicyLoader, RoundReport, SchedulerConfig, SwapReport,
+    AdapterManager, LoopMetrics, LossMetrics, PolicyLoader, RoundReport, SchedulerConfig,
+    SwapReport,
 };
 pub use service::{ModelLoader, Runtime};

@@ -17,7 +17,7 @@ use std::{
 };
 
 use searchloop_core::{EpisodeEnd, SegmentKind, Trajectory};
-use searchloop_runtime::LoopMetrics;
+use searchloop_runtime::{LoopMetrics, LossMetrics};
 use searchloop_store_sql::{FeedbackOutcome, SourceCount, StoreStats};
 
 /// Upper bounds (seconds) of the latency histogram buckets: from a health check (~1 ms) to a
@@ -408,6 +408,63 @@ pub fn render_loop(out: &mut String, m: &LoopMetrics) {
         "searchloop_adapter_last_swap_load_seconds {}",
         m.last_swap_load_ms as f64 / 1e3
     );
+    if let Some(loss) = &m.last_round_loss {
+        render_round_loss(out, loss);
+    }
+}
+
+/// Appends the policy-loss diagnostics of the last round as gauges: the importance ratio
+/// against the sampling policy, what the loss clipped, what the SAPO and LLDS terms acted on,
+/// GSPO's sequence ratio and the sampler correction's weights, each only where it was measured.
+fn render_round_loss(out: &mut String, loss: &LossMetrics) {
+    let gauges: [(&str, &str, Option<f64>); 8] = [
+        (
+            "searchloop_training_ratio_mean",
+            "Mean token importance ratio pi_theta / pi_old over the last round's steps.",
+            Some(loss.ratio_mean),
+        ),
+        (
+            "searchloop_training_clip_fraction",
+            "Fraction of the last round's trained tokens the policy loss clipped.",
+            Some(loss.clip_frac),
+        ),
+        (
+            "searchloop_training_sapo_active_fraction",
+            "Fraction of the last round's trained tokens where the SAPO indicator was on.",
+            Some(loss.sapo_active_frac),
+        ),
+        (
+            "searchloop_training_llds_active_fraction",
+            "Fraction of the last round's trained tokens the LLDS penalty acted on.",
+            Some(loss.llds_active_frac),
+        ),
+        (
+            "searchloop_training_sequence_ratio_mean",
+            "Mean length-normalised sequence ratio (the ratio GSPO clips) in the last round.",
+            loss.seq_ratio_mean,
+        ),
+        (
+            "searchloop_training_is_weight_mean",
+            "Mean sampler-correction weight over the last round's trained tokens.",
+            loss.is_weight_mean,
+        ),
+        (
+            "searchloop_training_is_clip_fraction_positive",
+            "Fraction of A >= 0 tokens the sampler correction truncated or masked.",
+            loss.is_clip_frac_pos,
+        ),
+        (
+            "searchloop_training_is_clip_fraction_negative",
+            "Fraction of A < 0 tokens the sampler correction truncated or masked.",
+            loss.is_clip_frac_neg,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        if let Some(value) = value.filter(|v| v.is_finite()) {
+            header(out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+    }
 }
 
 fn render_store(out: &mut String, store: &StoreSnapshot) {
@@ -564,6 +621,46 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("searchloop_store_up 0"), "{text}");
+    }
+
+    #[test]
+    fn the_last_rounds_loss_diagnostics_are_gauges_where_measured() {
+        let mut out = String::new();
+        render_loop(&mut out, &LoopMetrics::default());
+        assert!(!out.contains("searchloop_training_ratio_mean"), "{out}");
+
+        let loss = LossMetrics {
+            ratio_mean: 1.25,
+            clip_frac: 0.5,
+            seq_ratio_mean: Some(0.75),
+            is_weight_mean: None,
+            ratio_min: f64::NAN,
+            ..LossMetrics::default()
+        };
+        let metrics = LoopMetrics {
+            last_round_loss: Some(loss),
+            ..LoopMetrics::default()
+        };
+        let mut out = String::new();
+        render_loop(&mut out, &metrics);
+        assert!(
+            out.contains("\nsearchloop_training_ratio_mean 1.25\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nsearchloop_training_clip_fraction 0.5\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nsearchloop_training_sequence_ratio_mean 0.75\n"),
+            "{out}"
+        );
+        // Without a sampler correction its gauges are absent rather than zero.
+        assert!(!out.contains("searchloop_training_is_weight_mean"), "{out}");
+        assert!(
+            !out.contains("searchloop_training_is_clip_fraction"),
+            "{out}"
+        );
     }
 
     #[test]

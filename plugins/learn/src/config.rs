@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use searchloop_core::Device;
 use searchloop_llama::{LoraConfig, MergeEncoding};
-use searchloop_train_sapo::TrainerConfig;
+use searchloop_train_sapo::{TrainError, TrainerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnError, Result};
@@ -67,7 +67,7 @@ impl MergedWeights {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoundConfig {
-    /// Optimizer, PPO epochs, mini-batches, the GRPO + SAPO loss and advantages.
+    /// Optimizer, PPO epochs, mini-batches, the policy loss and advantages.
     pub trainer: TrainerConfig,
     /// The adapter trained when the round starts from the base model (a round that starts
     /// from a promoted adapter continues that adapter, with its rank and targets).
@@ -196,53 +196,12 @@ impl RoundConfig {
     }
 }
 
+/// The trainer's own checks ([`TrainerConfig::validate`]), with fields named from the round.
 fn validate_trainer(t: &TrainerConfig) -> Result<()> {
-    let bad = |msg: String| Err(LearnError::Config(format!("trainer.{msg}")));
-    if !(t.learning_rate.is_finite() && t.learning_rate > 0.0) {
-        return bad(format!(
-            "learning_rate must be positive, got {}",
-            t.learning_rate
-        ));
-    }
-    if t.ppo_epochs == 0 || t.mini_batch_size == 0 || t.micro_batch_size == 0 {
-        return bad("ppo_epochs, mini_batch_size and micro_batch_size must be at least 1".into());
-    }
-    if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
-        return bad(format!(
-            "max_grad_norm must be >= 0, got {}",
-            t.max_grad_norm
-        ));
-    }
-    for (name, value) in [
-        ("weight_decay", t.weight_decay),
-        ("loss.sapo_weight", t.loss.sapo_weight),
-        ("loss.kl_beta", t.loss.kl_beta),
-    ] {
-        if !(value.is_finite() && value >= 0.0) {
-            return bad(format!("{name} must be a finite number >= 0, got {value}"));
-        }
-    }
-    for (name, value) in [("beta1", t.beta1), ("beta2", t.beta2)] {
-        if !(0.0..1.0).contains(&value) {
-            return bad(format!("{name} must be in [0, 1), got {value}"));
-        }
-    }
-    if !(t.loss.clip_eps > 0.0 && t.loss.clip_eps < 1.0) {
-        return bad(format!(
-            "loss.clip_eps must be in (0, 1), got {}",
-            t.loss.clip_eps
-        ));
-    }
-    if !(t.loss.sapo_threshold.is_finite() && t.loss.sapo_threshold > 0.0) {
-        return bad(format!(
-            "loss.sapo_threshold must be positive, got {}",
-            t.loss.sapo_threshold
-        ));
-    }
-    if !(t.adam_eps > 0.0 && t.advantages.std_eps >= 0.0) {
-        return bad("adam_eps must be positive and advantages.std_eps >= 0".into());
-    }
-    Ok(())
+    t.validate().map_err(|e| match e {
+        TrainError::Config(msg) => LearnError::Config(format!("trainer.{msg}")),
+        other => other.into(),
+    })
 }
 
 fn validate_lora(l: &LoraConfig) -> Result<()> {
@@ -265,6 +224,7 @@ fn validate_lora(l: &LoraConfig) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use searchloop_train_sapo::{IsCorrection, LossKind};
 
     #[test]
     fn defaults_are_valid_and_toml_overrides_single_fields() {
@@ -319,6 +279,40 @@ mod tests {
         }
         assert!(serde_json::from_str::<RoundConfig>(r#"{"group_sise": 4}"#).is_err());
         assert!(serde_json::from_str::<RoundConfig>(r#"{"trainer": {"lr": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn loss_settings_parse_and_their_refusals_name_the_field() {
+        let config: RoundConfig = toml_like(
+            r#"{"trainer": {"old_logprobs": "recompute", "loss": {"kind": "gspo",
+                "is_correction": "geo", "is_min": 0.99}}}"#,
+        );
+        config.validate().unwrap();
+        let loss = &config.trainer.loss;
+        assert_eq!(
+            (loss.kind, loss.is_correction),
+            (LossKind::Gspo, IsCorrection::Geo)
+        );
+        assert_eq!(loss.is_band(), Some((0.99, 1.001)));
+        for (json, field) in [
+            (
+                r#"{"trainer": {"loss": {"is_correction": "tis"}}}"#,
+                "trainer.loss.is_correction",
+            ),
+            (
+                r#"{"trainer": {"loss": {"clip_eps": 1.5}}}"#,
+                "trainer.loss.clip_eps",
+            ),
+            (
+                r#"{"trainer": {"old_logprobs": "recompute", "loss": {"kind": "gspo",
+                    "is_correction": "icepop"}}}"#,
+                "trainer.loss.kind",
+            ),
+        ] {
+            let err = toml_like(json).validate().unwrap_err();
+            assert!(matches!(err, LearnError::Config(_)), "{err}");
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     fn toml_like(json: &str) -> RoundConfig {

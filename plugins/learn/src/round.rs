@@ -481,7 +481,7 @@ enum JobEvent {
         planned_steps: usize,
         sequences: usize,
     },
-    Step(StepMetrics),
+    Step(Box<StepMetrics>),
     Writing,
 }
 
@@ -598,7 +598,7 @@ fn run_job(
         });
         let report = trainer
             .train_with(&job.sequences, &mut |m| {
-                let _ = events.send(JobEvent::Step(m.clone()));
+                let _ = events.send(JobEvent::Step(Box::new(m.clone())));
                 !stop.load(Ordering::SeqCst)
             })
             .map_err(|e| match e {

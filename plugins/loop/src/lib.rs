@@ -32,3 +32,4 @@ pub use scheduler::{
     BaseModel, EvalConfig, LearningLoop, RoundCandidate, RoundJob, RoundReport, RoundRunner,
     SchedulerConfig, TriggerConfig,
 };
+pub use searchloop_train_sapo::LossMetrics;

@@ -1,12 +1,16 @@
 //! Counters of the learning loop (training rounds, gate decisions, model swaps) for a host's
 //! metrics endpoint: cheap atomics updated in place, read as one [`LoopMetrics`] snapshot.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{
+    Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
+use searchloop_train_sapo::{LossMetrics, TrainReport};
 use serde::{Deserialize, Serialize};
 
 /// A snapshot of the loop's counters since the process started.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoopMetrics {
     /// The adapter version serving new episodes (`None`: the base model).
     pub serving_version: Option<u64>,
@@ -36,6 +40,10 @@ pub struct LoopMetrics {
     pub auto_rollbacks: u64,
     /// Time to load the model of the last swap, in milliseconds.
     pub last_swap_load_ms: u64,
+    /// The policy-loss diagnostics of the last completed round (importance ratios, clipped
+    /// and masked fractions, the active fractions of the SAPO and LLDS terms), merged over its
+    /// optimizer steps; `None` before the first round or when it took no step.
+    pub last_round_loss: Option<LossMetrics>,
 }
 
 /// The live counters behind [`LoopMetrics`].
@@ -54,6 +62,7 @@ pub(crate) struct LoopCounters {
     pub(crate) rollbacks: AtomicU64,
     pub(crate) auto_rollbacks: AtomicU64,
     pub(crate) last_swap_load_ms: AtomicU64,
+    pub(crate) last_round_loss: Mutex<Option<LossMetrics>>,
 }
 
 /// Adds one to a counter. Relaxed ordering: the counters are independent statistics, read
@@ -63,6 +72,23 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl LoopCounters {
+    /// Keeps the loss diagnostics of a finished round's steps, merged, for the snapshot.
+    pub(crate) fn record_round_loss(&self, train: &TrainReport) {
+        let merged = train.steps.split_first().map(|(first, rest)| {
+            let mut merged = first.loss.clone();
+            for step in rest {
+                merged.merge(&step.loss);
+            }
+            merged
+        });
+        // A poisoned lock only means a panic elsewhere while holding it; the value is plain
+        // data, so it is still sound to replace.
+        *self
+            .last_round_loss
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = merged;
+    }
+
     /// The counters now, with the version serving.
     pub(crate) fn snapshot(&self, serving_version: Option<u64>) -> LoopMetrics {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -81,6 +107,11 @@ impl LoopCounters {
             rollbacks: get(&self.rollbacks),
             auto_rollbacks: get(&self.auto_rollbacks),
             last_swap_load_ms: get(&self.last_swap_load_ms),
+            last_round_loss: self
+                .last_round_loss
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
         }
     }
 }

@@ -533,6 +533,7 @@ impl Shared {
         match &result {
             Ok(report) => {
                 bump(&counters.rounds_completed);
+                counters.record_round_loss(&report.train);
                 match report.verdict {
                     GateVerdict::Promote => bump(&counters.candidates_promoted),
                     GateVerdict::Reject { .. } => bump(&counters.candidates_rejected),

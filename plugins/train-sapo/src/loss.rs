@@ -1,31 +1,72 @@
-//! GRPO advantages and the GRPO + SAPO policy loss, with the metrics that expose
-//! importance-sampling distribution drift.
+//! GRPO advantages and the policy-loss family: GRPO, GRPO + SAPO, GSPO, CISPO and GRPO + LLDS,
+//! each optionally weighted by a sampler→behaviour importance correction ([`crate::correction`]),
+//! with the metrics that expose importance-sampling distribution drift.
 //!
-//! Per generated token, with `r = exp(logp_theta - logp_old)` and the sequence's advantage `A`:
+//! Per generated token, with `r = exp(logp_theta - logp_old)`, `Δ = logp_old - logp_theta`, the
+//! sequence's advantage `A`, `lo = 1 - clip_eps` and `hi = 1 + clip_eps_high` (`clip_eps` unless
+//! set), the policy-gradient term `L_pg` of each [`LossKind`] is:
 //!
 //! ```text
-//! L_pg   = -min(r·A, clip(r, 1-eps, 1+eps)·A)      token-mean over unmasked tokens
-//! L_sapo = w · mean over unmasked tokens of sequences with A >= 0 of
-//!              1[r <= t] · (logp_old - logp_theta)
-//! L      = L_pg + L_sapo (+ beta · k3(ref, theta), token-mean)
+//! grpo   L_pg = -min(r·A, clip(r, lo, hi)·A)                          aggregated per `aggregation`
+//! sapo   L_pg(grpo) + w · (1/N_pos) Σ_{A >= 0} 1[r <= t] · Δ
+//! gspo   -min(s·A, clip(s, 1-ε, 1+ε_high)·A) per sequence, s = exp(mean_t log r); sequence mean
+//! cispo  gradient -sg[clip(r, w_min, w_max)] · A · ∇logp_theta          aggregated per `aggregation`
+//! llds   L_pg(grpo) + λ · (1/N_pos) Σ_{A >= 0} Σ_actions 1[Σ_action Δ > 0] · Σ_k max(0, Δ_k)
+//! L      = L_pg (· the correction's weight c per token) + the SAPO or LLDS term
+//!          (+ beta · k3(ref, theta), token-mean)
 //! ```
 //!
-//! `L_pg` is the standard PPO clipped surrogate. DESIGN.md sketches it as
-//! `-A · min(r, clip(r))`, which differs for `A < 0`; the sketch means the standard form, which
-//! is what is implemented: for `A >= 0` the token is clipped (zero gradient) when `r > 1+eps`,
-//! for `A < 0` when `r < 1-eps`, and otherwise its gradient is `-A·r·∇logp`.
+//! `N_pos` counts the unmasked tokens of sequences with `A >= 0`.
 //!
-//! The SAPO indicator `1[r <= t]` and the sign of `A` are evaluated without gradient; the term's
-//! gradient is `-w·∇logp / N_pos`, not scaled by `r`, which is what pulls back positive tokens
-//! whose probability collapsed. When there are no unmasked tokens with `A >= 0` the term is 0
-//! (never 0/0). With `w = 0` the term is not built at all, so the loss and its gradients are
-//! exactly GRPO's.
+//! **GRPO** is the standard PPO clipped surrogate. DESIGN.md sketches it as `-A · min(r, clip(r))`,
+//! which differs for `A < 0`; the sketch means the standard form, which is what is implemented:
+//! for `A >= 0` the token is clipped (zero gradient) when `r > hi`, for `A < 0` when `r < lo`,
+//! and otherwise its gradient is `-A·r·∇logp`. A `clip_eps_high` above `clip_eps` is DAPO's
+//! clip-higher (arXiv 2503.14476: 0.2 and 0.28), which with `aggregation = "token_mean"` is
+//! DAPO's loss; `aggregation = "seq_mean_token_sum"` with [`AdvantageConfig::scale_by_std`] off
+//! is Dr. GRPO's.
+//!
+//! **SAPO** ("Search Agent Policy Optimization", arXiv 2603.10069) adds a k1 term on positive
+//! tokens whose ratio fell to `t` or below. The indicator `1[r <= t]` and the sign of `A` are
+//! evaluated without gradient; the term's gradient is `-w·∇logp / N_pos`, not scaled by `r`,
+//! which is what pulls back positive tokens whose probability collapsed. When there are no
+//! unmasked tokens with `A >= 0` the term is 0 (never 0/0). With `w = 0` the term is not built
+//! at all, so the loss and its gradients are exactly GRPO's.
+//!
+//! **GSPO** (Zheng et al., arXiv 2507.18071, eqs. 5 and 7) clips the length-normalised sequence
+//! ratio `s` instead of each token's, and averages over sequences whatever `aggregation` says
+//! (its objective is a mean over the group's responses). The gradient of an unclipped sequence is
+//! `-A·s/|y|·Σ_t ∇logp_t`, so with all token ratios of a sequence equal to `r` it is GRPO's
+//! sequence-mean gradient, and on a one-token sequence it is GRPO.
+//!
+//! **CISPO** (MiniMax-M1, arXiv 2506.13585, eqs. 4 and 5) never drops a token: it is REINFORCE
+//! with the detached, clipped token ratio as weight, so a token outside the trust region keeps a
+//! capped gradient where PPO's would be zero. The paper writes the objective as
+//! `sg[ŵ]·A·log π`, whose value means nothing (only its gradient is used) and jumps with the
+//! weight. The value computed here is instead a potential of the very same gradient, continuous
+//! in θ: `-A·r` while `r` is inside the band and `-A·b·(1 + ln(r/b))` past a bound `b`. So the
+//! loss is comparable with GRPO's (on-policy, `r = 1`, both value and gradient are GRPO's), and
+//! finite differences of the value check the gradient.
+//!
+//! **LLDS** (Deng et al., "On GRPO Collapse in Agent Search: The Lazy Likelihood-Displacement",
+//! arXiv 2512.04220 v2, Eq. (4), added to GRPO as in Eq. (6)) penalises the likelihood that
+//! preserved responses (`A >= 0`, zero-advantage ones included) lost since sampling. An action is
+//! one model turn: a maximal run of trained positions, which in our sequences are the spans
+//! between masked tool observations. An action whose summed displacement `Σ_k Δ_k` is positive
+//! (strictly: on-policy nothing activates) has its tokens with `Δ_k > 0` pulled back with
+//! gradient `-λ·∇logp / N_pos`. The gate and the hinge's side are decided without gradient, as in
+//! the authors' code. `N` of Eq. (4) is read as the token count of the preserved responses,
+//! `N_pos`; the authors' code averages over all trained tokens instead.
+//!
+//! All host-side decisions (clipping, indicators, gates) are made on exact copies of the floats
+//! the device holds, so they agree with the values they select.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::correction::{IsCorrection, correction_weights};
 use crate::error::{Result, TrainError};
 
 /// How per-token policy-gradient terms are averaged.
@@ -37,34 +78,208 @@ pub enum LossAggregation {
     TokenMean,
     /// Mean over sequences of each sequence's token mean (the original GRPO form).
     SeqMeanTokenMean,
+    /// Mean over sequences of each sequence's token sum divided by a constant, `norm_tokens`
+    /// (Dr. GRPO, arXiv 2503.20783): no sequence's tokens are scaled by its own length, which
+    /// is the length bias Dr. GRPO removes.
+    SeqMeanTokenSum,
 }
 
-/// Hyper-parameters of the policy loss.
+/// Which policy loss the trainer minimises (see the module docs for each formula).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// The PPO clipped surrogate on group-relative advantages.
+    Grpo,
+    /// GRPO plus SAPO's term (`sapo_weight`, `sapo_threshold`); the default, since SAPO is what
+    /// this trainer was built around, and with `sapo_weight = 0` it is GRPO.
+    #[default]
+    Sapo,
+    /// GSPO: the clipped surrogate on the length-normalised sequence ratio (`gspo_clip_eps`,
+    /// `gspo_clip_eps_high`).
+    Gspo,
+    /// CISPO: REINFORCE weighted by the detached token ratio clipped to
+    /// [`cispo_min_weight`, `cispo_max_weight`].
+    Cispo,
+    /// GRPO plus the LLDS regulariser with the action-level gate (`llds_lambda`).
+    Llds,
+}
+
+impl LossKind {
+    /// The name config files and the command line use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpo => "grpo",
+            Self::Sapo => "sapo",
+            Self::Gspo => "gspo",
+            Self::Cispo => "cispo",
+            Self::Llds => "llds",
+        }
+    }
+}
+
+/// Hyper-parameters of the policy loss. Each kind reads its own fields and ignores the others'.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 // Config files name only the fields they change, and a misspelt field is an error.
 #[serde(default, deny_unknown_fields)]
 pub struct LossConfig {
-    /// PPO clip range `eps`.
+    /// Which loss.
+    pub kind: LossKind,
+    /// PPO clip range `eps` of `grpo`, `sapo` and `llds`: below 1 always, above 1 too unless
+    /// `clip_eps_high` is set.
     pub clip_eps: f64,
+    /// DAPO's clip-higher: the clip range above 1, when it should differ from `clip_eps` (DAPO
+    /// uses 0.28 with 0.2 below). Absent: `clip_eps`, a symmetric range.
+    pub clip_eps_high: Option<f64>,
     /// SAPO weight `w`; 0 gives plain GRPO.
     pub sapo_weight: f64,
     /// SAPO ratio threshold `t`: the term is active on positive tokens with `r <= t`.
     pub sapo_threshold: f64,
+    /// GSPO's clip range below 1 of the sequence ratio. The paper's 3e-4 fits sequence ratios,
+    /// which stay far closer to 1 than token ratios do.
+    pub gspo_clip_eps: f64,
+    /// GSPO's clip range above 1 (the paper's 4e-4).
+    pub gspo_clip_eps_high: f64,
+    /// CISPO's lower bound on the token weight. The paper sets its `ε_low` so large that there
+    /// is no lower bound: 0.
+    pub cispo_min_weight: f64,
+    /// CISPO's cap on the token weight. The paper gives no number; 5 is ScaleRL's, recommended
+    /// by TRL and used by ART (`ε_high = 4`).
+    pub cispo_max_weight: f64,
+    /// LLDS weight `λ`: 0.2, the paper's for all models but one, the smallest that prevented
+    /// collapse in its ablation.
+    pub llds_lambda: f64,
+    /// The sampler→behaviour correction of the policy-gradient term. It needs the trainer's
+    /// recomputed behaviour log-probs beside the recorded ones (`old_logprobs = "recompute"`).
+    pub is_correction: IsCorrection,
+    /// Lower bound of the correction's band on `π_old / π_sampler` (the sequence's ratio for
+    /// `mis`, its geometric mean for `geo`). Absent: the correction's default.
+    pub is_min: Option<f64>,
+    /// Upper bound of the correction's band. Absent: the correction's default (2 for `tis` and
+    /// `mis`, 5 for `icepop`, 1.001 for `geo`).
+    pub is_max: Option<f64>,
     /// Weight `beta` of the k3 KL penalty to the reference (base) model; 0 disables it.
     pub kl_beta: f64,
-    /// How the policy-gradient term is averaged.
+    /// How the policy-gradient term is averaged (GSPO always averages over sequences).
     pub aggregation: LossAggregation,
+    /// The constant `aggregation = "seq_mean_token_sum"` divides each sequence's token sum by:
+    /// Dr. GRPO's maximum generation length. It only scales the step, like a learning rate.
+    pub norm_tokens: f64,
 }
 
 impl Default for LossConfig {
     fn default() -> Self {
         Self {
+            kind: LossKind::Sapo,
             clip_eps: 0.2,
+            clip_eps_high: None,
             sapo_weight: 0.1,
             sapo_threshold: 0.8,
+            gspo_clip_eps: 3e-4,
+            gspo_clip_eps_high: 4e-4,
+            cispo_min_weight: 0.0,
+            cispo_max_weight: 5.0,
+            llds_lambda: 0.2,
+            is_correction: IsCorrection::None,
+            is_min: None,
+            is_max: None,
             kl_beta: 0.0,
             aggregation: LossAggregation::TokenMean,
+            norm_tokens: 1024.0,
         }
+    }
+}
+
+impl LossConfig {
+    /// Checks every value and refuses the compositions that have no meaning.
+    ///
+    /// Every correction composes with `grpo`, `sapo`, `cispo` and `llds`, whose terms are per
+    /// token. `gspo` takes only the sequence-level ones (`mis`, `geo`): it replaces token ratios
+    /// by one ratio per sequence because token-level importance weights are noisy within a
+    /// sequence, and a token-level correction (`tis`, `icepop`) would bring them back. Bounds
+    /// without a correction are refused too, since they would silently do nothing.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(TrainError::Config(msg));
+        for (name, value) in [
+            ("sapo_weight", self.sapo_weight),
+            ("llds_lambda", self.llds_lambda),
+            ("kl_beta", self.kl_beta),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return bad(format!("{name} must be a finite number >= 0, got {value}"));
+            }
+        }
+        for (name, value) in [
+            ("clip_eps", self.clip_eps),
+            ("gspo_clip_eps", self.gspo_clip_eps),
+        ] {
+            if !(value > 0.0 && value < 1.0) {
+                return bad(format!("{name} must be in (0, 1), got {value}"));
+            }
+        }
+        for (name, value) in [
+            ("clip_eps_high", self.clip_eps_high.unwrap_or(self.clip_eps)),
+            ("gspo_clip_eps_high", self.gspo_clip_eps_high),
+            ("sapo_threshold", self.sapo_threshold),
+            ("norm_tokens", self.norm_tokens),
+        ] {
+            if !(value.is_finite() && value > 0.0) {
+                return bad(format!("{name} must be a finite number > 0, got {value}"));
+            }
+        }
+        // Weight 1 must lie inside both bands, so that on-policy tokens and a sampler that
+        // agrees with the trainer are left alone.
+        let brackets_one =
+            |(min, max): (f64, f64)| (0.0..=1.0).contains(&min) && max >= 1.0 && max.is_finite();
+        let (min, max) = (self.cispo_min_weight, self.cispo_max_weight);
+        if !brackets_one((min, max)) {
+            return bad(format!(
+                "cispo_min_weight and cispo_max_weight must satisfy 0 <= min <= 1 <= max < inf, \
+                 got {min} and {max}"
+            ));
+        }
+        let correction = self.is_correction;
+        match self.is_band() {
+            None if self.is_min.is_some() || self.is_max.is_some() => {
+                return bad(
+                    "is_min and is_max bound a sampler correction, but is_correction is \"none\""
+                        .to_string(),
+                );
+            }
+            Some((min, max)) if !brackets_one((min, max)) => {
+                return bad(format!(
+                    "the band of is_correction = \"{}\" must satisfy 0 <= is_min <= 1 <= \
+                     is_max < inf, got [{min}, {max}]",
+                    correction.name()
+                ));
+            }
+            _ => {}
+        }
+        if self.kind == LossKind::Gspo
+            && correction != IsCorrection::None
+            && !correction.per_sequence()
+        {
+            return bad(format!(
+                "kind = \"gspo\" cannot take is_correction = \"{}\": GSPO weights whole \
+                 sequences, and a per-token correction would bring back the token-level \
+                 importance weights it removes; use \"mis\" or \"geo\", which decide per sequence",
+                correction.name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The PPO clip bounds `(lo, hi)` of `grpo`, `sapo` and `llds`.
+    fn ppo_bounds(&self) -> (f64, f64) {
+        (
+            1.0 - self.clip_eps,
+            1.0 + self.clip_eps_high.unwrap_or(self.clip_eps),
+        )
+    }
+
+    /// The correction's band with the defaults filled in; `None` without a correction.
+    pub fn is_band(&self) -> Option<(f64, f64)> {
+        let (min, max) = self.is_correction.default_band()?;
+        Some((self.is_min.unwrap_or(min), self.is_max.unwrap_or(max)))
     }
 }
 
@@ -197,7 +412,7 @@ pub fn group_advantages<S: AsRef<str>>(
 pub struct LossNormalizer {
     /// Unmasked tokens (token-mean denominator).
     pub tokens: f64,
-    /// Unmasked tokens in sequences with `A >= 0` (SAPO denominator).
+    /// Unmasked tokens in sequences with `A >= 0` (SAPO and LLDS denominator).
     pub positive_tokens: f64,
     /// Sequences with at least one unmasked token (seq-mean denominator).
     pub sequences: f64,
@@ -249,6 +464,9 @@ pub struct PolicyLossInputs<'a> {
     pub logp: &'a Tensor,
     /// Behaviour (old) policy log-probs; treated as constants.
     pub logp_old: &'a Tensor,
+    /// The sampler's recorded log-probs, needed by a sampler correction (`is_correction`), for
+    /// which `logp_old` is the trainer's recomputation of the same policy; treated as constants.
+    pub logp_sampler: Option<&'a Tensor>,
     /// 1 for trained (model-generated) tokens, 0 for prompt, tool output and padding.
     pub mask: &'a Tensor,
     /// `(B,)` one advantage per sequence.
@@ -263,15 +481,19 @@ pub struct PolicyLossInputs<'a> {
 
 /// Diagnostics of one loss evaluation. Loss fields are contributions to the mini-batch loss
 /// (they add up across micro-batches that share a [`LossNormalizer`]); the rest are means over
-/// the stated token sets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// the stated token sets. Fields added after the first metrics files were written default when
+/// absent, so those files still read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LossMetrics {
     /// Total loss.
     pub loss: f64,
-    /// Policy-gradient (clipped surrogate) term.
+    /// Policy-gradient term (after the sampler correction, when there is one).
     pub pg_loss: f64,
-    /// SAPO term (already multiplied by `w`).
+    /// SAPO term (already multiplied by `w`); 0 for the other kinds.
     pub sapo_loss: f64,
+    /// LLDS term (already multiplied by `λ`); 0 for the other kinds.
+    #[serde(default)]
+    pub llds_loss: f64,
     /// KL-to-reference term (already multiplied by `beta`).
     pub kl_ref_loss: f64,
     /// Unmasked tokens.
@@ -280,6 +502,9 @@ pub struct LossMetrics {
     pub positive_tokens: usize,
     /// Unmasked tokens with `A < 0`.
     pub negative_tokens: usize,
+    /// Sequences with at least one unmasked token.
+    #[serde(default)]
+    pub sequences: usize,
     /// Mean of `r` over unmasked tokens.
     pub ratio_mean: f64,
     /// Minimum of `r` over unmasked tokens (NaN when there are none).
@@ -298,10 +523,29 @@ pub struct LossMetrics {
     pub ratio_below_tenth_pos: f64,
     /// Fraction of `A < 0` tokens with `r < 0.1`.
     pub ratio_below_tenth_neg: f64,
-    /// Fraction of unmasked tokens where the SAPO indicator is on (`A >= 0` and `r <= t`).
+    /// Mean over sequences of the length-normalised sequence ratio `s = exp(mean_t log r)`, the
+    /// ratio GSPO clips (measured whatever the kind); `None` without trained sequences.
+    pub seq_ratio_mean: Option<f64>,
+    /// Minimum over sequences of `s`; `None` without trained sequences.
+    pub seq_ratio_min: Option<f64>,
+    /// Fraction of unmasked tokens where the SAPO indicator is on (`A >= 0` and `r <= t`),
+    /// whatever the kind: it measures drift even where no SAPO term is built.
     pub sapo_active_frac: f64,
-    /// Fraction of unmasked tokens whose surrogate is clipped (zero gradient).
+    /// Fraction of unmasked tokens where the LLDS term is active (a preserved response, an
+    /// action with positive summed displacement, a token with `Δ > 0`); 0 for the other kinds.
+    #[serde(default)]
+    pub llds_active_frac: f64,
+    /// Fraction of unmasked tokens that are clipped: zero-gradient surrogates for the PPO-style
+    /// kinds (for GSPO, the tokens of clipped sequences), truncated weights for CISPO (whose
+    /// tokens keep a gradient).
     pub clip_frac: f64,
+    /// Mean sampler-correction weight over unmasked tokens; `None` without a correction.
+    pub is_weight_mean: Option<f64>,
+    /// Fraction of `A >= 0` tokens whose correction weight was truncated (`tis`) or that were
+    /// masked (`icepop`, `mis`, `geo`); `None` without a correction.
+    pub is_clip_frac_pos: Option<f64>,
+    /// The same fraction among `A < 0` tokens.
+    pub is_clip_frac_neg: Option<f64>,
     /// k1 estimate of KL(old || new): mean of `logp_old - logp`.
     pub approx_kl_k1: f64,
     /// k3 estimate of KL(old || new): mean of `r - 1 - log r`.
@@ -312,24 +556,37 @@ pub struct LossMetrics {
     pub entropy_mean: f64,
 }
 
+/// The mean of two means over `na` and `nb` items.
+fn wmean(a: f64, na: usize, b: f64, nb: usize) -> f64 {
+    match (na, nb) {
+        (0, 0) => a,
+        (0, _) => b,
+        (_, 0) => a,
+        _ => (a * na as f64 + b * nb as f64) / (na + nb) as f64,
+    }
+}
+
+/// [`wmean`] of optional means: a missing one contributes nothing.
+fn wmean_opt(a: Option<f64>, na: usize, b: Option<f64>, nb: usize) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(wmean(a, na, b, nb)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}
+
 impl LossMetrics {
     /// Folds another micro-batch's metrics into these: losses add, means are weighted by their
-    /// token counts, extremes combine.
+    /// token (or sequence) counts, extremes combine.
     pub fn merge(&mut self, o: &LossMetrics) {
-        let wmean = |a: f64, na: usize, b: f64, nb: usize| -> f64 {
-            match (na, nb) {
-                (0, 0) => a,
-                (0, _) => b,
-                (_, 0) => a,
-                _ => (a * na as f64 + b * nb as f64) / (na + nb) as f64,
-            }
-        };
         let (n1, n2) = (self.tokens, o.tokens);
         let (p1, p2) = (self.positive_tokens, o.positive_tokens);
         let (m1, m2) = (self.negative_tokens, o.negative_tokens);
+        let (s1, s2) = (self.sequences, o.sequences);
         self.loss += o.loss;
         self.pg_loss += o.pg_loss;
         self.sapo_loss += o.sapo_loss;
+        self.llds_loss += o.llds_loss;
         self.kl_ref_loss += o.kl_ref_loss;
         self.ratio_mean = wmean(self.ratio_mean, n1, o.ratio_mean, n2);
         self.ratio_min = if n1 == 0 {
@@ -356,8 +613,17 @@ impl LossMetrics {
             wmean(self.ratio_below_tenth_pos, p1, o.ratio_below_tenth_pos, p2);
         self.ratio_below_tenth_neg =
             wmean(self.ratio_below_tenth_neg, m1, o.ratio_below_tenth_neg, m2);
+        self.seq_ratio_mean = wmean_opt(self.seq_ratio_mean, s1, o.seq_ratio_mean, s2);
+        self.seq_ratio_min = match (self.seq_ratio_min, o.seq_ratio_min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.sapo_active_frac = wmean(self.sapo_active_frac, n1, o.sapo_active_frac, n2);
+        self.llds_active_frac = wmean(self.llds_active_frac, n1, o.llds_active_frac, n2);
         self.clip_frac = wmean(self.clip_frac, n1, o.clip_frac, n2);
+        self.is_weight_mean = wmean_opt(self.is_weight_mean, n1, o.is_weight_mean, n2);
+        self.is_clip_frac_pos = wmean_opt(self.is_clip_frac_pos, p1, o.is_clip_frac_pos, p2);
+        self.is_clip_frac_neg = wmean_opt(self.is_clip_frac_neg, m1, o.is_clip_frac_neg, m2);
         self.approx_kl_k1 = wmean(self.approx_kl_k1, n1, o.approx_kl_k1, n2);
         self.approx_kl_k3 = wmean(self.approx_kl_k3, n1, o.approx_kl_k3, n2);
         self.kl_ref_k3 = wmean(self.kl_ref_k3, n1, o.kl_ref_k3, n2);
@@ -365,108 +631,100 @@ impl LossMetrics {
         self.tokens = n1 + n2;
         self.positive_tokens = p1 + p2;
         self.negative_tokens = m1 + m2;
+        self.sequences = s1 + s2;
     }
 }
 
-/// The GRPO + SAPO loss (see the module docs) and its metrics.
+/// The policy loss of `config.kind` (see the module docs) and its metrics.
 pub fn policy_loss(
     inputs: &PolicyLossInputs<'_>,
     config: &LossConfig,
 ) -> Result<(Tensor, LossMetrics)> {
-    let logp = inputs.logp;
-    let (b, l) = logp.dims2()?;
-    let dtype = logp.dtype();
-    let device = logp.device();
-    for (name, t) in [("logp_old", inputs.logp_old), ("mask", inputs.mask)] {
-        if t.dims2()? != (b, l) {
-            return Err(TrainError::InvalidInput(format!(
-                "{name} has shape {:?}, logp is ({b}, {l})",
-                t.dims()
-            )));
-        }
-    }
-    if inputs.advantages.dims1()? != b {
-        return Err(TrainError::InvalidInput(format!(
-            "advantages have shape {:?}, expected ({b},)",
-            inputs.advantages.dims()
-        )));
-    }
+    config.validate()?;
+    let batch = Batch::new(inputs)?;
+    let (b, l) = (batch.b, batch.l);
     if config.kl_beta != 0.0 && inputs.ref_logp.is_none() {
         return Err(TrainError::InvalidInput(
             "kl_beta is set but no reference log-probs were given".to_string(),
         ));
     }
-    let logp_old = inputs.logp_old.to_dtype(dtype)?.detach();
-    let mask = inputs.mask.to_dtype(dtype)?.detach();
-    let adv_host = inputs.advantages.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let adv = inputs
-        .advantages
-        .to_dtype(dtype)?
-        .detach()
-        .unsqueeze(1)?
-        .broadcast_as((b, l))?;
     let norm = match inputs.normalizer {
         Some(n) => n,
-        None => LossNormalizer::from_tensors(&mask, &adv_host)?,
+        None => LossNormalizer::from_tensors(&batch.mask, &batch.adv_host)?,
     };
-
-    let log_ratio = (logp - &logp_old)?;
-    let ratio = log_ratio.exp()?;
-
-    // Host copies decide the no-gradient branches (clipping, the SAPO indicator) and feed the
-    // metrics. They are the same floats the device holds, so the decisions are exact.
-    let ratio_host = to_host(&ratio)?;
-    let mask_host = to_host(&mask)?;
-    let eps = config.clip_eps;
-    let lo = 1.0 - eps;
-    let hi = 1.0 + eps;
-    let mut clipped = vec![0u8; b * l];
-    let mut active = vec![0f64; b * l];
-    for (i, &a) in adv_host.iter().enumerate() {
-        for j in 0..l {
-            let k = i * l + j;
-            let r = ratio_host[k];
-            if mask_host[k] > 0.0 && ((a >= 0.0 && r > hi) || (a < 0.0 && r < lo)) {
-                clipped[k] = 1;
-            }
-            if mask_host[k] > 0.0 && a >= 0.0 && r <= config.sapo_threshold {
-                active[k] = 1.0;
-            }
+    let correction = match (config.is_band(), inputs.logp_sampler) {
+        (None, _) => None,
+        (Some(band), Some(sampler)) => {
+            let old = to_host(&batch.logp_old)?;
+            let log_w: Vec<f64> = old
+                .iter()
+                .zip(to_host(sampler)?)
+                .map(|(o, s)| o - s)
+                .collect();
+            correction_weights(config.is_correction, band, &log_w, &batch.mask_host, l)
         }
-    }
-    let clipped = Tensor::from_vec(clipped, (b, l), device)?;
-    // min(r·A, clip(r)·A): on clipped tokens the clipped value wins and is a constant; elsewhere
-    // r·A wins (or ties with it inside the range), so its gradient is A·r·∇logp.
-    let unclipped = (&ratio * &adv)?;
-    let clipped_value = (ratio.detach().clamp(lo, hi)? * &adv)?;
-    let surrogate = clipped.where_cond(&clipped_value, &unclipped)?;
-    let per_token = (surrogate.neg()? * &mask)?;
-    let pg = match config.aggregation {
-        LossAggregation::TokenMean => (per_token.sum_all()? / norm.tokens.max(1.0))?,
-        LossAggregation::SeqMeanTokenMean => {
-            let counts = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
-            (per_token.sum(1)?.div(&counts)?.sum_all()? / norm.sequences.max(1.0))?
+        (Some(_), None) => {
+            return Err(TrainError::InvalidInput(format!(
+                "is_correction = \"{}\" needs the sampler's log-probs (logp_sampler)",
+                config.is_correction.name()
+            )));
         }
     };
+
+    let PolicyTerm { per_token, clipped } = match config.kind {
+        LossKind::Grpo | LossKind::Sapo | LossKind::Llds => batch.ppo_clip(config.ppo_bounds())?,
+        LossKind::Gspo => {
+            batch.gspo((1.0 - config.gspo_clip_eps, 1.0 + config.gspo_clip_eps_high))?
+        }
+        LossKind::Cispo => batch.cispo((config.cispo_min_weight, config.cispo_max_weight))?,
+    };
+    let per_token = match &correction {
+        Some(c) => (per_token * batch.tensor(c.weights.clone())?)?,
+        None => per_token,
+    };
+    let aggregation = match config.kind {
+        LossKind::Gspo => LossAggregation::SeqMeanTokenMean,
+        _ => config.aggregation,
+    };
+    let pg = aggregate(
+        &per_token,
+        &batch.mask,
+        &norm,
+        aggregation,
+        config.norm_tokens,
+    )?;
     let mut loss = pg.clone();
 
+    let sapo_active = batch
+        .indicator(|i, k| batch.adv_host[i] >= 0.0 && batch.ratio_host[k] <= config.sapo_threshold);
     let mut sapo_value = 0.0;
-    if config.sapo_weight != 0.0 && norm.positive_tokens > 0.0 {
-        let active_t = Tensor::from_vec(active.clone(), (b, l), device)?.to_dtype(dtype)?;
-        let sapo = ((log_ratio.neg()? * active_t)?.sum_all()?
-            * (config.sapo_weight / norm.positive_tokens))?;
+    if config.kind == LossKind::Sapo && config.sapo_weight != 0.0 && norm.positive_tokens > 0.0 {
+        let sapo = batch.k1_term(&sapo_active, config.sapo_weight / norm.positive_tokens)?;
         sapo_value = scalar(&sapo)?;
         loss = (loss + sapo)?;
     }
+    let llds_active = (config.kind == LossKind::Llds).then(|| batch.llds_active());
+    let mut llds_value = 0.0;
+    if let Some(active) = &llds_active
+        && config.llds_lambda != 0.0
+        && norm.positive_tokens > 0.0
+        && active.iter().any(|&a| a > 0.0)
+    {
+        let llds = batch.k1_term(active, config.llds_lambda / norm.positive_tokens)?;
+        llds_value = scalar(&llds)?;
+        loss = (loss + llds)?;
+    }
 
+    let logp = inputs.logp;
+    let mask = &batch.mask;
     let mut kl_ref_value = 0.0;
     let mut kl_ref_mean = f64::NAN;
     if let Some(ref_logp) = inputs.ref_logp {
-        let d = (ref_logp.to_dtype(dtype)?.detach() - logp)?;
+        let d = (ref_logp.to_dtype(batch.dtype)?.detach() - logp)?;
         let k3 = ((d.exp()? - &d)? - 1.0)?;
-        let k3_sum = (k3 * &mask)?.sum_all()?;
+        let k3_sum = (k3 * mask)?.sum_all()?;
         let k3_host = scalar(&k3_sum)?;
-        let n = mask_host.iter().filter(|&&m| m > 0.0).count();
+        let n = batch.mask_host.iter().filter(|&&m| m > 0.0).count();
         if n > 0 {
             kl_ref_mean = k3_host / n as f64;
         }
@@ -481,34 +739,36 @@ pub fn policy_loss(
         Some(e) => Some(to_host(e)?),
         None => None,
     };
-    let log_ratio_host = to_host(&log_ratio)?;
     let mut m = Counts::default();
-    for (i, &a) in adv_host.iter().enumerate() {
+    for (i, &a) in batch.adv_host.iter().enumerate() {
         let pos = a >= 0.0;
-        for j in 0..l {
-            let k = i * l + j;
-            if mask_host[k] <= 0.0 {
+        for k in i * l..(i + 1) * l {
+            if batch.mask_host[k] <= 0.0 {
                 continue;
             }
-            let r = ratio_host[k];
+            let r = batch.ratio_host[k];
             m.tokens += 1;
             m.ratio_sum += r;
             m.ratio_min = m.ratio_min.min(r);
             m.ratio_max = m.ratio_max.max(r);
             let below = [r < config.sapo_threshold, r < 0.5, r < 0.1];
-            if pos {
-                m.pos += 1;
-                for (acc, hit) in m.below_pos.iter_mut().zip(below) {
-                    *acc += usize::from(hit);
-                }
+            let (sign_count, below_count) = if pos {
+                (&mut m.pos, &mut m.below_pos)
             } else {
-                m.neg += 1;
-                for (acc, hit) in m.below_neg.iter_mut().zip(below) {
-                    *acc += usize::from(hit);
-                }
+                (&mut m.neg, &mut m.below_neg)
+            };
+            *sign_count += 1;
+            for (acc, hit) in below_count.iter_mut().zip(below) {
+                *acc += usize::from(hit);
             }
-            m.active += usize::from(active[k] > 0.0);
-            let lr = log_ratio_host[k];
+            m.active += usize::from(sapo_active[k] > 0.0);
+            m.llds_active += llds_active.as_ref().map_or(0, |v| usize::from(v[k] > 0.0));
+            m.clipped += usize::from(clipped[k]);
+            if let Some(c) = &correction {
+                m.is_weight += c.weights[k];
+                m.is_clipped[usize::from(!pos)] += usize::from(c.clipped[k]);
+            }
+            let lr = batch.log_ratio_host[k];
             m.k1 += -lr;
             m.k3 += (r - 1.0) - lr;
             if let Some(e) = &entropy_host {
@@ -516,19 +776,23 @@ pub fn policy_loss(
             }
         }
     }
-    let clip_count = clipped
-        .to_dtype(DType::F64)?
-        .sum_all()?
-        .to_scalar::<f64>()?;
+    let seq_ratios: Vec<f64> = masked_row_sums(&batch.log_ratio_host, &batch.mask_host, b, l)
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .map(|(sum, n)| (sum / n as f64).exp())
+        .collect();
     let frac = |num: f64, den: usize| if den == 0 { 0.0 } else { num / den as f64 };
+    let with_correction = |v: f64| correction.is_some().then_some(v);
     let metrics = LossMetrics {
         loss: scalar(&loss)?,
         pg_loss: scalar(&pg)?,
         sapo_loss: sapo_value,
+        llds_loss: llds_value,
         kl_ref_loss: kl_ref_value,
         tokens: m.tokens,
         positive_tokens: m.pos,
         negative_tokens: m.neg,
+        sequences: seq_ratios.len(),
         ratio_mean: frac(m.ratio_sum, m.tokens),
         ratio_min: if m.tokens == 0 { f64::NAN } else { m.ratio_min },
         ratio_max: if m.tokens == 0 { f64::NAN } else { m.ratio_max },
@@ -538,8 +802,15 @@ pub fn policy_loss(
         ratio_below_half_neg: frac(m.below_neg[1] as f64, m.neg),
         ratio_below_tenth_pos: frac(m.below_pos[2] as f64, m.pos),
         ratio_below_tenth_neg: frac(m.below_neg[2] as f64, m.neg),
+        seq_ratio_mean: (!seq_ratios.is_empty())
+            .then(|| seq_ratios.iter().sum::<f64>() / seq_ratios.len() as f64),
+        seq_ratio_min: seq_ratios.iter().copied().reduce(f64::min),
         sapo_active_frac: frac(m.active as f64, m.tokens),
-        clip_frac: frac(clip_count, m.tokens),
+        llds_active_frac: frac(m.llds_active as f64, m.tokens),
+        clip_frac: frac(m.clipped as f64, m.tokens),
+        is_weight_mean: with_correction(frac(m.is_weight, m.tokens)),
+        is_clip_frac_pos: with_correction(frac(m.is_clipped[0] as f64, m.pos)),
+        is_clip_frac_neg: with_correction(frac(m.is_clipped[1] as f64, m.neg)),
         approx_kl_k1: frac(m.k1, m.tokens),
         approx_kl_k3: frac(m.k3, m.tokens),
         kl_ref_k3: kl_ref_mean,
@@ -552,6 +823,244 @@ pub fn policy_loss(
     Ok((loss, metrics))
 }
 
+/// A policy-gradient term before correction and aggregation.
+struct PolicyTerm {
+    /// `(B, L)` per-token loss, zero at masked positions.
+    per_token: Tensor,
+    /// Which positions are clipped (see [`LossMetrics::clip_frac`]), row-major.
+    clipped: Vec<bool>,
+}
+
+/// One evaluation's tensors and the host copies that the no-gradient decisions are made on.
+struct Batch {
+    b: usize,
+    l: usize,
+    dtype: DType,
+    device: Device,
+    logp_old: Tensor,
+    mask: Tensor,
+    /// `(B,)` advantages.
+    adv_seq: Tensor,
+    /// `(B, L)`: each sequence's advantage at every position.
+    adv: Tensor,
+    log_ratio: Tensor,
+    ratio: Tensor,
+    mask_host: Vec<f64>,
+    adv_host: Vec<f64>,
+    ratio_host: Vec<f64>,
+    log_ratio_host: Vec<f64>,
+}
+
+impl Batch {
+    fn new(inputs: &PolicyLossInputs<'_>) -> Result<Self> {
+        let logp = inputs.logp;
+        let (b, l) = logp.dims2()?;
+        let dtype = logp.dtype();
+        let shaped = [
+            ("logp_old", Some(inputs.logp_old)),
+            ("mask", Some(inputs.mask)),
+            ("logp_sampler", inputs.logp_sampler),
+        ];
+        for (name, t) in shaped.iter().filter_map(|(n, t)| Some((n, (*t)?))) {
+            if t.dims2()? != (b, l) {
+                return Err(TrainError::InvalidInput(format!(
+                    "{name} has shape {:?}, logp is ({b}, {l})",
+                    t.dims()
+                )));
+            }
+        }
+        if inputs.advantages.dims1()? != b {
+            return Err(TrainError::InvalidInput(format!(
+                "advantages have shape {:?}, expected ({b},)",
+                inputs.advantages.dims()
+            )));
+        }
+        let logp_old = inputs.logp_old.to_dtype(dtype)?.detach();
+        let mask = inputs.mask.to_dtype(dtype)?.detach();
+        let adv_host = inputs.advantages.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let adv_seq = inputs.advantages.to_dtype(dtype)?.detach();
+        let adv = adv_seq.unsqueeze(1)?.broadcast_as((b, l))?;
+        let log_ratio = (logp - &logp_old)?;
+        let ratio = log_ratio.exp()?;
+        Ok(Self {
+            b,
+            l,
+            dtype,
+            device: logp.device().clone(),
+            mask_host: to_host(&mask)?,
+            ratio_host: to_host(&ratio)?,
+            log_ratio_host: to_host(&log_ratio)?,
+            logp_old,
+            mask,
+            adv_seq,
+            adv,
+            log_ratio,
+            ratio,
+            adv_host,
+        })
+    }
+
+    /// A `(B, L)` tensor of this batch's dtype from row-major host values.
+    fn tensor(&self, values: Vec<f64>) -> Result<Tensor> {
+        Ok(Tensor::from_vec(values, (self.b, self.l), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// `f(i, k)` at every unmasked position `k` (in row `i`); false at masked positions.
+    fn decide(&self, f: impl Fn(usize, usize) -> bool) -> Vec<bool> {
+        (0..self.b * self.l)
+            .map(|k| self.mask_host[k] > 0.0 && f(k / self.l, k))
+            .collect()
+    }
+
+    /// [`Batch::decide`] as 1.0 and 0.0, an indicator to multiply by.
+    fn indicator(&self, f: impl Fn(usize, usize) -> bool) -> Vec<f64> {
+        self.decide(f).into_iter().map(f64::from).collect()
+    }
+
+    /// GRPO's clipped surrogate `-min(r·A, clip(r, lo, hi)·A)` per token.
+    fn ppo_clip(&self, (lo, hi): (f64, f64)) -> Result<PolicyTerm> {
+        let clipped = self.decide(|i, k| clips(self.adv_host[i], self.ratio_host[k], lo, hi));
+        let flags: Vec<u8> = clipped.iter().map(|&c| u8::from(c)).collect();
+        let flags = Tensor::from_vec(flags, (self.b, self.l), &self.device)?;
+        // On clipped tokens the clipped value wins and is a constant; elsewhere r·A wins (or ties
+        // with it inside the range), so its gradient is A·r·∇logp.
+        let unclipped = (&self.ratio * &self.adv)?;
+        let clipped_value = (self.ratio.detach().clamp(lo, hi)? * &self.adv)?;
+        let surrogate = flags.where_cond(&clipped_value, &unclipped)?;
+        let per_token = (surrogate.neg()? * &self.mask)?;
+        Ok(PolicyTerm { per_token, clipped })
+    }
+
+    /// GSPO's clipped surrogate on the sequence ratio `s = exp(mean_t log r)` (eqs. 5 and 7),
+    /// spread over the sequence's tokens so that a sequence mean of token means gives it back.
+    fn gspo(&self, (lo, hi): (f64, f64)) -> Result<PolicyTerm> {
+        let counts = self.mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+        let s = (&self.log_ratio * &self.mask)?
+            .sum(1)?
+            .div(&counts)?
+            .exp()?;
+        let s_host = to_host(&s)?;
+        let seq_clipped: Vec<bool> = (0..self.b)
+            .map(|i| clips(self.adv_host[i], s_host[i], lo, hi))
+            .collect();
+        let flags: Vec<u8> = seq_clipped.iter().map(|&c| u8::from(c)).collect();
+        let flags = Tensor::from_vec(flags, self.b, &self.device)?;
+        let unclipped = (&s * &self.adv_seq)?;
+        let clipped_value = (s.detach().clamp(lo, hi)? * &self.adv_seq)?;
+        let surrogate = flags.where_cond(&clipped_value, &unclipped)?;
+        let per_token = (surrogate
+            .neg()?
+            .unsqueeze(1)?
+            .broadcast_as((self.b, self.l))?
+            * &self.mask)?;
+        let clipped = self.decide(|i, _| seq_clipped[i]);
+        Ok(PolicyTerm { per_token, clipped })
+    }
+
+    /// CISPO per token (eqs. 4 and 5): the gradient `-sg[clip(r, min, max)]·A·∇logp`, as the
+    /// gradient of `-A·r` inside the band and of `-A·b·(1 + ln(r/b))` past a bound `b` (see the
+    /// module docs).
+    fn cispo(&self, (min, max): (f64, f64)) -> Result<PolicyTerm> {
+        let clipped = self.decide(|_, k| !(min..=max).contains(&self.ratio_host[k]));
+        // The bound each truncated token sits at; 1 elsewhere, where it is unused but keeps
+        // the logarithm finite.
+        let bounds: Vec<f64> = clipped
+            .iter()
+            .zip(&self.ratio_host)
+            .map(|(&c, &r)| match (c, r < min) {
+                (false, _) => 1.0,
+                (true, true) => min,
+                (true, false) => max,
+            })
+            .collect();
+        let flags: Vec<u8> = clipped.iter().map(|&c| u8::from(c)).collect();
+        let flags = Tensor::from_vec(flags, (self.b, self.l), &self.device)?;
+        let bounds = self.tensor(bounds)?;
+        let inside = (&self.ratio * &self.adv)?;
+        let past = ((((&self.log_ratio - bounds.log()?)? + 1.0)? * &bounds)? * &self.adv)?;
+        let surrogate = flags.where_cond(&past, &inside)?;
+        let per_token = (surrogate.neg()? * &self.mask)?;
+        Ok(PolicyTerm { per_token, clipped })
+    }
+
+    /// LLDS's active tokens (Eq. 4): in a preserved response (`A >= 0`), inside an action (a
+    /// maximal run of trained positions) whose summed displacement `Σ Δ` is positive, with a
+    /// positive displacement `Δ = -log r` of their own.
+    fn llds_active(&self) -> Vec<f64> {
+        let mut active = vec![0.0; self.b * self.l];
+        for i in (0..self.b).filter(|&i| self.adv_host[i] >= 0.0) {
+            let mut start = i * self.l;
+            let row = &self.mask_host[start..start + self.l];
+            for run in row.chunk_by(|x, y| (*x > 0.0) == (*y > 0.0)) {
+                let action = start..start + run.len();
+                start += run.len();
+                if run[0] <= 0.0 {
+                    continue;
+                }
+                let displacement: f64 = action.clone().map(|k| -self.log_ratio_host[k]).sum();
+                if displacement > 0.0 {
+                    for k in action.filter(|&k| self.log_ratio_host[k] < 0.0) {
+                        active[k] = 1.0;
+                    }
+                }
+            }
+        }
+        active
+    }
+
+    /// `coefficient · Σ indicator · Δ`: a k1 term on a no-gradient set of tokens, whose gradient
+    /// on each of them is `-coefficient·∇logp`, not scaled by the ratio (SAPO's and LLDS's
+    /// terms).
+    fn k1_term(&self, indicator: &[f64], coefficient: f64) -> Result<Tensor> {
+        let indicator = self.tensor(indicator.to_vec())?;
+        Ok(((self.log_ratio.neg()? * indicator)?.sum_all()? * coefficient)?)
+    }
+}
+
+/// Whether PPO's clipped surrogate takes its constant branch: above the range for `A >= 0`,
+/// below it for `A < 0`.
+fn clips(a: f64, r: f64, lo: f64, hi: f64) -> bool {
+    (a >= 0.0 && r > hi) || (a < 0.0 && r < lo)
+}
+
+/// Averages a per-token loss as `aggregation` says, over the normaliser's counts (and
+/// `norm_tokens` for Dr. GRPO's constant).
+fn aggregate(
+    per_token: &Tensor,
+    mask: &Tensor,
+    norm: &LossNormalizer,
+    aggregation: LossAggregation,
+    norm_tokens: f64,
+) -> Result<Tensor> {
+    Ok(match aggregation {
+        LossAggregation::TokenMean => (per_token.sum_all()? / norm.tokens.max(1.0))?,
+        LossAggregation::SeqMeanTokenMean => {
+            let counts = mask.sum(1)?.clamp(1.0, f64::INFINITY)?;
+            (per_token.sum(1)?.div(&counts)?.sum_all()? / norm.sequences.max(1.0))?
+        }
+        LossAggregation::SeqMeanTokenSum => {
+            (per_token.sum_all()? / (norm.sequences.max(1.0) * norm_tokens))?
+        }
+    })
+}
+
+/// Per row of a row-major `(rows, l)` array: the sum of `values` over its positions where `mask`
+/// is positive, and how many there are.
+pub(crate) fn masked_row_sums(
+    values: &[f64],
+    mask: &[f64],
+    rows: usize,
+    l: usize,
+) -> Vec<(f64, usize)> {
+    (0..rows)
+        .map(|i| {
+            (i * l..(i + 1) * l)
+                .filter(|&k| mask[k] > 0.0)
+                .fold((0.0, 0), |(sum, n), k| (sum + values[k], n + 1))
+        })
+        .collect()
+}
+
 struct Counts {
     tokens: usize,
     pos: usize,
@@ -562,6 +1071,11 @@ struct Counts {
     below_pos: [usize; 3],
     below_neg: [usize; 3],
     active: usize,
+    llds_active: usize,
+    clipped: usize,
+    is_weight: f64,
+    /// Tokens the correction truncated or masked: `[A >= 0, A < 0]`.
+    is_clipped: [usize; 2],
     k1: f64,
     k3: f64,
     entropy: f64,
@@ -579,6 +1093,10 @@ impl Default for Counts {
             below_pos: [0; 3],
             below_neg: [0; 3],
             active: 0,
+            llds_active: 0,
+            clipped: 0,
+            is_weight: 0.0,
+            is_clipped: [0; 2],
             k1: 0.0,
             k3: 0.0,
             entropy: 0.0,
@@ -619,6 +1137,29 @@ mod tests {
         cfg: &LossConfig,
         reference: Option<&[&[f64]]>,
     ) -> Eval {
+        eval_full(r, mask, adv, cfg, reference, None)
+    }
+
+    /// [`eval`] with the sampler's ratios `w = π_old / π_sampler` per token
+    /// (`logp_sampler = -1 - ln w`).
+    fn eval_corrected(
+        r: &[&[f64]],
+        w: &[&[f64]],
+        mask: &[&[f64]],
+        adv: &[f64],
+        cfg: &LossConfig,
+    ) -> Eval {
+        eval_full(r, mask, adv, cfg, None, Some(w))
+    }
+
+    fn eval_full(
+        r: &[&[f64]],
+        mask: &[&[f64]],
+        adv: &[f64],
+        cfg: &LossConfig,
+        reference: Option<&[&[f64]]>,
+        sampler: Option<&[&[f64]]>,
+    ) -> Eval {
         let dev = Device::Cpu;
         let (b, l) = (r.len(), r[0].len());
         let old: Vec<f64> = vec![-1.0; b * l];
@@ -635,9 +1176,17 @@ mod tests {
             let v: Vec<f64> = rows.iter().flat_map(|row| row.iter().copied()).collect();
             Tensor::from_vec(v, (b, l), &dev).unwrap()
         });
+        let sampler_t = sampler.map(|rows| {
+            let v: Vec<f64> = rows
+                .iter()
+                .flat_map(|row| row.iter().map(|w| -1.0 - w.ln()))
+                .collect();
+            Tensor::from_vec(v, (b, l), &dev).unwrap()
+        });
         let inputs = PolicyLossInputs {
             logp: logp.as_tensor(),
             logp_old: &old,
+            logp_sampler: sampler_t.as_ref(),
             mask: &mask,
             advantages: &advantages,
             ref_logp: ref_t.as_ref(),
@@ -769,6 +1318,31 @@ mod tests {
     }
 
     #[test]
+    fn dr_grpo_divides_token_sums_by_a_constant() {
+        let cfg = LossConfig {
+            kind: LossKind::Grpo,
+            aggregation: LossAggregation::SeqMeanTokenSum,
+            norm_tokens: 4.0,
+            ..LossConfig::default()
+        };
+        // Two sequences of two and one trained tokens: every token weighs 1 / (2 · 4), however
+        // long its sequence.
+        let e = eval(
+            &[&[1.1, 0.9], &[1.0, 3.0]],
+            &[&[1.0, 1.0], &[1.0, 0.0]],
+            &[1.0, -1.0],
+            &cfg,
+            None,
+        );
+        assert!(close(e.loss, (-1.1 - 0.9 + 1.0) / 8.0));
+        assert_grad(
+            &e,
+            &[&[-1.1 / 8.0, -0.9 / 8.0], &[1.0 / 8.0, 0.0]],
+            "dr grpo",
+        );
+    }
+
+    #[test]
     fn k3_penalty_to_the_reference() {
         let cfg = LossConfig {
             kl_beta: 0.1,
@@ -814,16 +1388,28 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn zero_sapo_weight_is_bitwise_grpo() {
+    /// A seeded random f32 batch of three sequences whose ratios fall inside, above and below
+    /// the clip range, with masked positions in two of them.
+    struct RandomBatch {
+        logp: Var,
+        old: Tensor,
+        mask: Tensor,
+        adv: Tensor,
+    }
+
+    fn random_batch() -> RandomBatch {
+        use rand::{Rng, SeedableRng};
         let dev = Device::Cpu;
-        let logp =
-            Var::from_tensor(&(Tensor::randn(0f32, 1.0, (3, 6), &dev).unwrap() - 2.0).unwrap())
-                .unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let mut uniform = |half_width: f32| -> Tensor {
+            let v: Vec<f32> = (0..18)
+                .map(|_| rng.random_range(-half_width..half_width))
+                .collect();
+            Tensor::from_vec(v, (3, 6), &dev).unwrap()
+        };
+        let logp = Var::from_tensor(&(uniform(1.7) - 2.0).unwrap()).unwrap();
         // Old log-probs spread enough that ratios fall inside, above and below the clip range.
-        let old = (logp.as_tensor() + Tensor::randn(0f32, 0.5, (3, 6), &dev).unwrap())
-            .unwrap()
-            .detach();
+        let old = (logp.as_tensor() + uniform(0.8)).unwrap().detach();
         let mask = Tensor::new(
             &[
                 [1f32, 1., 1., 1., 0., 0.],
@@ -834,49 +1420,70 @@ mod tests {
         )
         .unwrap();
         let adv = Tensor::new(&[1.3f32, -0.7, 0.4], &dev).unwrap();
+        RandomBatch {
+            logp,
+            old,
+            mask,
+            adv,
+        }
+    }
+
+    impl RandomBatch {
+        /// The loss inputs with `old` as behaviour log-probs and `sampler` as the sampler's.
+        fn inputs<'a>(
+            &'a self,
+            old: &'a Tensor,
+            sampler: Option<&'a Tensor>,
+        ) -> PolicyLossInputs<'a> {
+            PolicyLossInputs {
+                logp: self.logp.as_tensor(),
+                logp_old: old,
+                logp_sampler: sampler,
+                mask: &self.mask,
+                advantages: &self.adv,
+                ref_logp: None,
+                entropy: None,
+                normalizer: None,
+            }
+        }
+
+        /// The bits of `loss` and of its gradient with respect to `logp`.
+        fn bits(&self, loss: &Tensor) -> (u32, Vec<u32>) {
+            let grads = loss.backward().unwrap();
+            let grad = grads
+                .get(self.logp.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            (
+                loss.to_scalar::<f32>().unwrap().to_bits(),
+                grad.iter().map(|x| x.to_bits()).collect(),
+            )
+        }
+    }
+
+    #[test]
+    fn zero_sapo_weight_is_bitwise_grpo() {
+        let batch = random_batch();
         let cfg = LossConfig {
             sapo_weight: 0.0,
             ..LossConfig::default()
         };
-        let inputs = PolicyLossInputs {
-            logp: logp.as_tensor(),
-            logp_old: &old,
-            mask: &mask,
-            advantages: &adv,
-            ref_logp: None,
-            entropy: None,
-            normalizer: None,
-        };
-        let (ours, m) = policy_loss(&inputs, &cfg).unwrap();
+        let (ours, m) = policy_loss(&batch.inputs(&batch.old, None), &cfg).unwrap();
         assert!(
             m.clip_frac > 0.0 && m.clip_frac < 1.0,
             "the data must exercise clipping"
         );
-        let theirs = textbook_grpo(logp.as_tensor(), &old, &mask, &adv, cfg.clip_eps);
-        assert_eq!(
-            ours.to_scalar::<f32>().unwrap().to_bits(),
-            theirs.to_scalar::<f32>().unwrap().to_bits()
+        let theirs = textbook_grpo(
+            batch.logp.as_tensor(),
+            &batch.old,
+            &batch.mask,
+            &batch.adv,
+            cfg.clip_eps,
         );
-        let g1 = ours
-            .backward()
-            .unwrap()
-            .get(logp.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let g2 = theirs
-            .backward()
-            .unwrap()
-            .get(logp.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&g1), bits(&g2));
+        assert_eq!(batch.bits(&ours), batch.bits(&theirs));
     }
 
     #[test]
@@ -906,6 +1513,7 @@ mod tests {
             let inputs = PolicyLossInputs {
                 logp: &logp,
                 logp_old: &old,
+                logp_sampler: None,
                 mask: &mask,
                 advantages: &adv,
                 ref_logp: None,
@@ -970,6 +1578,7 @@ mod tests {
             let inputs = PolicyLossInputs {
                 logp: &logp,
                 logp_old: &old,
+                logp_sampler: None,
                 mask: &m,
                 advantages: &a,
                 ref_logp: None,
@@ -1036,5 +1645,711 @@ mod tests {
         // The one-member "s" group and the episode at its baseline carry no signal.
         assert_eq!(adv.keep, [true, true, true, false, false]);
         assert_eq!((adv.groups, adv.zero_std_groups), (4, 2));
+    }
+
+    /// Checks a single-token case: loss, gradient and whether it was clipped.
+    fn assert_case(e: &Eval, loss: f64, grad: f64, clipped: bool, what: &str) {
+        assert!(close(e.loss, loss), "{what}: loss {} != {loss}", e.loss);
+        assert!(
+            close(e.grad[0][0], grad),
+            "{what}: grad {} != {grad}",
+            e.grad[0][0]
+        );
+        assert_eq!(e.metrics.clip_frac, f64::from(u8::from(clipped)), "{what}");
+    }
+
+    /// Checks every entry of a gradient against `want`.
+    fn assert_grad(e: &Eval, want: &[&[f64]], what: &str) {
+        for (row, want_row) in e.grad.iter().zip(want) {
+            for (g, w) in row.iter().zip(*want_row) {
+                assert!(close(*g, *w), "{what}: grad {g} != {w} ({:?})", e.grad);
+            }
+        }
+    }
+
+    #[test]
+    fn grpo_every_branch_of_one_and_two_tokens_with_clip_higher() {
+        // DAPO's asymmetric range [0.8, 1.28]; the SAPO weight is ignored by this kind.
+        let cfg = LossConfig {
+            kind: LossKind::Grpo,
+            clip_eps_high: Some(0.28),
+            ..LossConfig::default()
+        };
+        // (A, r, loss, d loss / d logp, clipped)
+        let cases: [(f64, f64, f64, f64, bool); 7] = [
+            (1.0, 1.1, -1.1, -1.1, false),
+            (1.0, 1.25, -1.25, -1.25, false), // above 1 + eps, below 1 + eps_high
+            (1.0, 1.3, -1.28, 0.0, true),     // above 1 + eps_high: clipped
+            (1.0, 0.5, -0.5, -0.5, false),    // no SAPO term, whatever sapo_weight says
+            (-1.0, 0.79, 0.8, 0.0, true),     // below 1 - eps: clipped
+            (-1.0, 1.3, 1.3, 1.3, false),     // A < 0 is never clipped above
+            (-1.0, 1.0, 1.0, 1.0, false),
+        ];
+        for (a, r, loss, grad, clipped) in cases {
+            let e = eval(&[&[r]], &[&[1.0]], &[a], &cfg, None);
+            assert_case(&e, loss, grad, clipped, &format!("A={a} r={r}"));
+            assert_eq!(e.metrics.sapo_loss, 0.0);
+            assert_eq!(e.metrics.is_weight_mean, None);
+        }
+        // Two tokens of one sequence: one inside, one clipped above.
+        let e = eval(&[&[1.1, 1.3]], &[&[1.0, 1.0]], &[1.0], &cfg, None);
+        assert!(close(e.loss, (-1.1 - 1.28) / 2.0));
+        assert_grad(&e, &[&[-0.55, 0.0]], "two tokens");
+        assert_eq!(e.metrics.clip_frac, 0.5);
+        // The SAPO indicator is still measured, though no term is built.
+        assert_eq!(
+            eval(&[&[0.5]], &[&[1.0]], &[1.0], &cfg, None)
+                .metrics
+                .sapo_active_frac,
+            1.0
+        );
+    }
+
+    #[test]
+    fn grpo_kind_is_bitwise_grpo() {
+        let batch = random_batch();
+        let cfg = LossConfig {
+            kind: LossKind::Grpo,
+            ..LossConfig::default()
+        };
+        let (ours, _) = policy_loss(&batch.inputs(&batch.old, None), &cfg).unwrap();
+        let theirs = textbook_grpo(
+            batch.logp.as_tensor(),
+            &batch.old,
+            &batch.mask,
+            &batch.adv,
+            cfg.clip_eps,
+        );
+        assert_eq!(batch.bits(&ours), batch.bits(&theirs));
+    }
+
+    #[test]
+    fn gspo_every_branch_of_one_and_two_tokens() {
+        let cfg = LossConfig {
+            kind: LossKind::Gspo,
+            ..LossConfig::default()
+        }; // [1 - 3e-4, 1 + 4e-4]
+        // One token: the sequence ratio is the token ratio.
+        let cases: [(f64, f64, f64, f64, bool); 5] = [
+            (1.0, 1.0002, -1.0002, -1.0002, false),
+            (1.0, 1.001, -1.0004, 0.0, true),
+            (1.0, 0.5, -0.5, -0.5, false),
+            (-1.0, 0.999, 0.9997, 0.0, true),
+            (-1.0, 1.5, 1.5, 1.5, false),
+        ];
+        for (a, r, loss, grad, clipped) in cases {
+            let e = eval(&[&[r]], &[&[1.0]], &[a], &cfg, None);
+            assert_case(&e, loss, grad, clipped, &format!("A={a} r={r}"));
+            assert!(close(e.metrics.seq_ratio_mean.unwrap(), r));
+        }
+        // Two tokens: s = sqrt(r1·r2) is clipped, not the tokens. Ratios 0.5 and 2 give s = 1,
+        // inside, although GRPO would clip the second token; the gradient is -A·s/2 on each.
+        let e = eval(&[&[0.5, 2.0]], &[&[1.0, 1.0]], &[1.0], &cfg, None);
+        assert!(close(e.loss, -1.0));
+        assert_grad(&e, &[&[-0.5, -0.5]], "s = 1");
+        assert_eq!(e.metrics.clip_frac, 0.0);
+        // Ratios 1 and 1.01, each harmless to GRPO: s = 1.005 clips the whole sequence.
+        let e = eval(&[&[1.0, 1.01]], &[&[1.0, 1.0]], &[1.0], &cfg, None);
+        assert!(close(e.loss, -1.0004));
+        assert_grad(&e, &[&[0.0, 0.0]], "clipped above");
+        assert_eq!(e.metrics.clip_frac, 1.0);
+        let e = eval(&[&[0.9, 0.9]], &[&[1.0, 1.0]], &[-1.0], &cfg, None);
+        assert!(close(e.loss, 0.9997));
+        assert_grad(&e, &[&[0.0, 0.0]], "clipped below");
+        // Two sequences average as sequences even under the default token-mean aggregation:
+        // s = 1 (A = 1, two tokens) and s = 1.2 (A = -1, one token and padding).
+        let e = eval(
+            &[&[0.5, 2.0], &[1.2, 7.0]],
+            &[&[1.0, 1.0], &[1.0, 0.0]],
+            &[1.0, -1.0],
+            &cfg,
+            None,
+        );
+        assert!(close(e.loss, (-1.0 + 1.2) / 2.0), "{}", e.loss);
+        assert_grad(&e, &[&[-0.25, -0.25], &[0.6, 0.0]], "two sequences");
+        let m = &e.metrics;
+        assert_eq!(m.sequences, 2);
+        assert!(close(m.seq_ratio_mean.unwrap(), 1.1) && close(m.seq_ratio_min.unwrap(), 1.0));
+    }
+
+    #[test]
+    fn gspo_is_grpo_on_one_token_and_with_equal_token_ratios() {
+        // Sequences whose tokens share one ratio (inside, above and below GRPO's range, with
+        // both signs of A), scored in f64: GSPO with GRPO's range is GRPO's sequence mean.
+        let r: [&[f64]; 4] = [
+            &[1.1, 1.1, 1.1],
+            &[1.5, 1.5, 9.0],
+            &[0.6, 0.6, 0.6],
+            &[0.9, 3.0, 3.0],
+        ];
+        let mask: [&[f64]; 4] = [
+            &[1.0, 1.0, 1.0],
+            &[1.0, 1.0, 0.0],
+            &[1.0, 1.0, 1.0],
+            &[1.0, 0.0, 0.0],
+        ];
+        let adv = [1.0, 0.5, -1.0, -0.3];
+        let grpo = LossConfig {
+            kind: LossKind::Grpo,
+            aggregation: LossAggregation::SeqMeanTokenMean,
+            ..LossConfig::default()
+        };
+        let gspo = LossConfig {
+            kind: LossKind::Gspo,
+            gspo_clip_eps: 0.2,
+            gspo_clip_eps_high: 0.2,
+            ..LossConfig::default()
+        };
+        let a = eval(&r, &mask, &adv, &grpo, None);
+        let b = eval(&r, &mask, &adv, &gspo, None);
+        assert!(a.metrics.clip_frac > 0.0 && a.metrics.clip_frac < 1.0);
+        assert!(close(a.loss, b.loss), "{} vs {}", a.loss, b.loss);
+        assert!(close(a.metrics.clip_frac, b.metrics.clip_frac));
+        for (x, y) in a.grad.iter().flatten().zip(b.grad.iter().flatten()) {
+            assert!(close(*x, *y), "{:?} vs {:?}", a.grad, b.grad);
+        }
+        // One-token sequences with different ratios: GSPO is GRPO under any aggregation.
+        let r: [&[f64]; 3] = [&[1.1], &[1.5], &[0.6]];
+        let mask: [&[f64]; 3] = [&[1.0], &[1.0], &[1.0]];
+        let adv = [1.0, 0.5, -1.0];
+        let a = eval(
+            &r,
+            &mask,
+            &adv,
+            &LossConfig {
+                aggregation: LossAggregation::TokenMean,
+                ..grpo
+            },
+            None,
+        );
+        let b = eval(&r, &mask, &adv, &gspo, None);
+        assert!(close(a.loss, b.loss));
+        for (x, y) in a.grad.iter().flatten().zip(b.grad.iter().flatten()) {
+            assert!(close(*x, *y));
+        }
+    }
+
+    #[test]
+    fn cispo_every_branch_of_one_and_two_tokens() {
+        let cfg = LossConfig {
+            kind: LossKind::Cispo,
+            cispo_min_weight: 0.8,
+            cispo_max_weight: 1.2,
+            ..LossConfig::default()
+        };
+        // (A, r, weight, truncated): the gradient is -weight·A, never zero; the loss is -A·r
+        // inside the band and -A·b·(1 + ln(r/b)) past a bound b (the weight).
+        let cases: [(f64, f64, f64, bool); 6] = [
+            (1.0, 1.1, 1.1, false),
+            (1.0, 1.5, 1.2, true),
+            (1.0, 0.5, 0.8, true),
+            (-1.0, 0.5, 0.8, true),
+            (-1.0, 1.5, 1.2, true),
+            (-1.0, 1.0, 1.0, false),
+        ];
+        for (a, r, w, truncated) in cases {
+            let e = eval(&[&[r]], &[&[1.0]], &[a], &cfg, None);
+            let loss = if truncated {
+                -a * w * (1.0 + (r / w).ln())
+            } else {
+                -a * r
+            };
+            assert_case(&e, loss, -w * a, truncated, &format!("A={a} r={r}"));
+        }
+        // The defaults have no lower bound and cap at 5.
+        let default = LossConfig {
+            kind: LossKind::Cispo,
+            ..LossConfig::default()
+        };
+        for (r, w) in [(6.0, 5.0), (0.01, 0.01)] {
+            let e = eval(&[&[r]], &[&[1.0]], &[1.0], &default, None);
+            assert!(close(e.grad[0][0], -w), "r={r}: {}", e.grad[0][0]);
+        }
+        // Two tokens, token mean: one inside, one truncated to 1.2.
+        let e = eval(&[&[1.1, 1.32]], &[&[1.0, 1.0]], &[2.0], &cfg, None);
+        let want = (-2.2 - 2.0 * 1.2 * (1.0 + 1.1f64.ln())) / 2.0;
+        assert!(close(e.loss, want));
+        assert_grad(&e, &[&[-1.1, -1.2]], "two tokens");
+        assert_eq!(e.metrics.clip_frac, 0.5);
+    }
+
+    #[test]
+    fn cispo_on_policy_is_bitwise_grpo() {
+        // r = 1 everywhere: CISPO's gradient -A·∇logp is GRPO's -A·r·∇logp, and the value
+        // -A·r is GRPO's too.
+        let batch = random_batch();
+        let on_policy = batch.logp.as_tensor().detach();
+        let bits = |kind: LossKind| {
+            let cfg = LossConfig {
+                kind,
+                ..LossConfig::default()
+            };
+            let (loss, _) = policy_loss(&batch.inputs(&on_policy, None), &cfg).unwrap();
+            batch.bits(&loss)
+        };
+        let grpo = bits(LossKind::Grpo);
+        assert!(grpo.1.iter().any(|g| f32::from_bits(*g) != 0.0));
+        assert_eq!(bits(LossKind::Cispo), grpo);
+    }
+
+    #[test]
+    fn llds_every_branch_of_one_and_two_tokens() {
+        let cfg = LossConfig {
+            kind: LossKind::Llds,
+            ..LossConfig::default()
+        }; // λ = 0.2, clip 0.2
+        // One token, a one-token action: (A, r, loss, grad, clipped, LLDS active).
+        let l2 = 2f64.ln();
+        let cases: [(f64, f64, f64, f64, bool, bool); 7] = [
+            (1.0, 0.5, -0.5 + 0.2 * l2, -0.7, false, true), // Δ = ln 2 > 0
+            (1.0, 1.1, -1.1, -1.1, false, false),           // Δ < 0
+            (1.0, 1.0, -1.0, -1.0, false, false),           // Δ = 0: strictly positive only
+            (1.0, 1.5, -1.2, 0.0, true, false),
+            (0.0, 0.5, 0.2 * l2, -0.2, false, true), // A = 0 is preserved too
+            (-1.0, 0.5, 0.8, 0.0, true, false),      // A < 0 never is
+            (-1.0, 1.5, 1.5, 1.5, false, false),
+        ];
+        for (a, r, loss, grad, clipped, active) in cases {
+            let e = eval(&[&[r]], &[&[1.0]], &[a], &cfg, None);
+            let what = format!("A={a} r={r}");
+            assert_case(&e, loss, grad, clipped, &what);
+            assert_eq!(
+                e.metrics.llds_active_frac,
+                f64::from(u8::from(active)),
+                "{what}"
+            );
+            let term = if active { 0.2 * l2 } else { 0.0 };
+            assert!(close(e.metrics.llds_loss, term), "{what}");
+        }
+        // Two tokens in one action: the gate is on (Δ sums to ln 2 - ln 1.1 > 0), and only the
+        // token with Δ > 0 is penalised.
+        let e = eval(&[&[0.5, 1.1]], &[&[1.0, 1.0]], &[1.0], &cfg, None);
+        assert!(close(e.loss, (-0.5 - 1.1) / 2.0 + 0.2 * l2 / 2.0));
+        assert_grad(&e, &[&[-0.25 - 0.1, -0.55]], "gate on");
+        assert_eq!(e.metrics.llds_active_frac, 0.5);
+        // Ratios 0.9 and 1.15 in one action: Δ sums to ln(1/0.9) - ln 1.15 < 0, so the gate is
+        // off, although the first token lost likelihood...
+        let e = eval(&[&[0.9, 1.15]], &[&[1.0, 1.0]], &[1.0], &cfg, None);
+        assert!(close(e.loss, (-0.9 - 1.15) / 2.0));
+        assert_grad(&e, &[&[-0.45, -0.575]], "gate off");
+        assert_eq!(e.metrics.llds_active_frac, 0.0);
+        // ...but split by a tool observation into two actions, the first action's gate opens.
+        let e = eval(
+            &[&[0.9, 5.0, 1.15]],
+            &[&[1.0, 0.0, 1.0]],
+            &[1.0],
+            &cfg,
+            None,
+        );
+        let term = 0.2 * -(0.9f64.ln()) / 2.0;
+        assert!(close(e.loss, (-0.9 - 1.15) / 2.0 + term));
+        assert!(close(e.metrics.llds_loss, term));
+        assert_grad(&e, &[&[-0.45 - 0.1, 0.0, -0.575]], "two actions");
+        // The normaliser counts the preserved responses' tokens only.
+        let e = eval(
+            &[&[0.5, 0.6], &[0.5, 0.6]],
+            &[&[1.0, 1.0], &[1.0, 1.0]],
+            &[1.0, -1.0],
+            &cfg,
+            None,
+        );
+        let term = 0.2 * (l2 - 0.6f64.ln()) / 2.0;
+        assert!(close(e.loss, (-0.5 - 0.6 + 0.8 + 0.8) / 4.0 + term));
+        assert_grad(
+            &e,
+            &[&[-0.125 - 0.1, -0.15 - 0.1], &[0.0, 0.0]],
+            "two sequences",
+        );
+        assert_eq!(e.metrics.llds_active_frac, 0.5);
+    }
+
+    #[test]
+    fn llds_is_bitwise_grpo_with_zero_lambda_or_on_policy() {
+        let batch = random_batch();
+        let grpo = LossConfig {
+            kind: LossKind::Grpo,
+            ..LossConfig::default()
+        };
+        let llds = LossConfig {
+            kind: LossKind::Llds,
+            ..LossConfig::default()
+        };
+        let zero = LossConfig {
+            llds_lambda: 0.0,
+            ..llds.clone()
+        };
+        let bits = |old: &Tensor, cfg: &LossConfig| {
+            let (loss, m) = policy_loss(&batch.inputs(old, None), cfg).unwrap();
+            (batch.bits(&loss), m.llds_active_frac)
+        };
+        // Off-policy the term is active, so λ = 0 is a real test...
+        assert!(bits(&batch.old, &llds).1 > 0.0);
+        assert_eq!(bits(&batch.old, &zero).0, bits(&batch.old, &grpo).0);
+        // ...and θ = old leaves nothing to displace.
+        let on_policy = batch.logp.as_tensor().detach();
+        let (on, active) = bits(&on_policy, &llds);
+        assert_eq!(active, 0.0);
+        assert_eq!(on, bits(&on_policy, &grpo).0);
+    }
+
+    #[test]
+    fn corrections_every_branch_of_one_and_two_tokens() {
+        let with = |is_correction: IsCorrection, is_max: Option<f64>| LossConfig {
+            kind: LossKind::Grpo,
+            is_correction,
+            is_max,
+            ..LossConfig::default()
+        };
+        // One token: (correction, A, r, w, loss, grad, weight, truncated or masked).
+        let cases = [
+            (IsCorrection::Tis, 1.0, 1.1, 1.5, -1.65, -1.65, 1.5, false),
+            (IsCorrection::Tis, 1.0, 1.1, 3.0, -2.2, -2.2, 2.0, true),
+            (IsCorrection::Tis, 1.0, 1.1, 0.5, -0.55, -0.55, 0.5, false),
+            (IsCorrection::Tis, -1.0, 1.5, 3.0, 3.0, 3.0, 2.0, true),
+            (IsCorrection::Tis, 1.0, 1.5, 3.0, -2.4, 0.0, 2.0, true), // PPO-clipped too
+            (IsCorrection::Icepop, 1.0, 1.1, 3.0, -3.3, -3.3, 3.0, false),
+            (IsCorrection::Icepop, 1.0, 1.1, 6.0, 0.0, 0.0, 0.0, true),
+            (IsCorrection::Icepop, -1.0, 1.5, 0.4, 0.0, 0.0, 0.0, true),
+            (IsCorrection::Mis, 1.0, 1.1, 0.4, 0.0, 0.0, 0.0, true),
+            (IsCorrection::Geo, 1.0, 1.1, 1.002, 0.0, 0.0, 0.0, true),
+            (IsCorrection::Geo, 1.0, 1.1, 1.0005, -1.1, -1.1, 1.0, false),
+        ];
+        for (c, a, r, w, loss, grad, weight, hit) in cases {
+            let e = eval_corrected(&[&[r]], &[&[w]], &[&[1.0]], &[a], &with(c, None));
+            let what = format!("{c:?} A={a} r={r} w={w}");
+            assert!(close(e.loss, loss), "{what}: loss {}", e.loss);
+            assert!(close(e.grad[0][0], grad), "{what}: grad {}", e.grad[0][0]);
+            let m = &e.metrics;
+            assert!(close(m.is_weight_mean.unwrap(), weight), "{what}");
+            let (pos, neg) = if a >= 0.0 {
+                (f64::from(u8::from(hit)), 0.0)
+            } else {
+                (0.0, f64::from(u8::from(hit)))
+            };
+            assert_eq!(
+                (m.is_clip_frac_pos, m.is_clip_frac_neg),
+                (Some(pos), Some(neg)),
+                "{what}"
+            );
+        }
+        // Two tokens, sequence-level: MIS weighs both by W = 1.5·1.2 = 1.8, or masks both when
+        // W = 2.25 leaves the band, although each token's own ratio is inside it.
+        let e = eval_corrected(
+            &[&[1.1, 0.9]],
+            &[&[1.5, 1.2]],
+            &[&[1.0, 1.0]],
+            &[1.0],
+            &with(IsCorrection::Mis, None),
+        );
+        assert!(close(e.loss, 1.8 * (-1.1 - 0.9) / 2.0));
+        assert_grad(&e, &[&[-0.99, -0.81]], "mis kept");
+        assert!(close(e.metrics.is_weight_mean.unwrap(), 1.8));
+        let e = eval_corrected(
+            &[&[1.1, 0.9]],
+            &[&[1.5, 1.5]],
+            &[&[1.0, 1.0]],
+            &[1.0],
+            &with(IsCorrection::Mis, None),
+        );
+        assert_eq!(e.loss, 0.0);
+        assert_grad(&e, &[&[0.0, 0.0]], "mis masked");
+        assert_eq!(e.metrics.is_clip_frac_pos, Some(1.0));
+        // Geo: geometric mean sqrt(1.0005·0.9995) is inside ±0.1 %, sqrt(1.003·1) is not.
+        let geo = with(IsCorrection::Geo, None);
+        let e = eval_corrected(
+            &[&[1.1, 0.9]],
+            &[&[1.0005, 0.9995]],
+            &[&[1.0, 1.0]],
+            &[-1.0],
+            &geo,
+        );
+        assert!(close(e.loss, 1.0));
+        assert_grad(&e, &[&[0.55, 0.45]], "geo kept");
+        let e = eval_corrected(
+            &[&[1.1, 0.9]],
+            &[&[1.003, 1.0]],
+            &[&[1.0, 1.0]],
+            &[-1.0],
+            &geo,
+        );
+        assert_eq!(e.loss, 0.0);
+        assert_eq!(
+            (e.metrics.is_clip_frac_pos, e.metrics.is_clip_frac_neg),
+            (Some(0.0), Some(1.0))
+        );
+        // Token-level TIS on two tokens with a configured cap of 1.2.
+        let e = eval_corrected(
+            &[&[1.1, 0.9]],
+            &[&[1.5, 1.1]],
+            &[&[1.0, 1.0]],
+            &[1.0],
+            &with(IsCorrection::Tis, Some(1.2)),
+        );
+        assert!(close(e.loss, (-1.2 * 1.1 - 1.1 * 0.9) / 2.0));
+        assert_grad(&e, &[&[-0.66, -0.495]], "tis capped");
+        assert_eq!(e.metrics.is_clip_frac_pos, Some(0.5));
+        // The correction weighs the policy-gradient term only, not SAPO's.
+        let sapo = LossConfig {
+            is_correction: IsCorrection::Tis,
+            ..LossConfig::default()
+        };
+        let e = eval_corrected(&[&[0.5]], &[&[1.5]], &[&[1.0]], &[1.0], &sapo);
+        assert!(close(e.loss, 1.5 * -0.5 + 0.1 * 2f64.ln()));
+        assert!(close(e.grad[0][0], 1.5 * -0.5 - 0.1));
+    }
+
+    #[test]
+    fn corrections_with_the_sampler_equal_to_old_are_bitwise_uncorrected() {
+        let batch = random_batch();
+        for kind in [
+            LossKind::Grpo,
+            LossKind::Sapo,
+            LossKind::Cispo,
+            LossKind::Llds,
+            LossKind::Gspo,
+        ] {
+            let plain = LossConfig {
+                kind,
+                ..LossConfig::default()
+            };
+            let (loss, _) = policy_loss(&batch.inputs(&batch.old, None), &plain).unwrap();
+            let want = batch.bits(&loss);
+            for correction in [
+                IsCorrection::Tis,
+                IsCorrection::Mis,
+                IsCorrection::Icepop,
+                IsCorrection::Geo,
+            ] {
+                if kind == LossKind::Gspo && !correction.per_sequence() {
+                    continue;
+                }
+                let cfg = LossConfig {
+                    is_correction: correction,
+                    ..plain.clone()
+                };
+                let inputs = batch.inputs(&batch.old, Some(&batch.old));
+                let (loss, m) = policy_loss(&inputs, &cfg).unwrap();
+                assert_eq!(batch.bits(&loss), want, "{kind:?} {correction:?}");
+                assert_eq!(m.is_weight_mean, Some(1.0));
+                assert_eq!(
+                    (m.is_clip_frac_pos, m.is_clip_frac_neg),
+                    (Some(0.0), Some(0.0))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn meaningless_compositions_and_bounds_are_refused() {
+        let refused = |cfg: LossConfig, needle: &str| {
+            let err = cfg.validate().unwrap_err();
+            assert!(matches!(err, TrainError::Config(_)), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        };
+        for correction in [IsCorrection::Tis, IsCorrection::Icepop] {
+            refused(
+                LossConfig {
+                    kind: LossKind::Gspo,
+                    is_correction: correction,
+                    ..LossConfig::default()
+                },
+                "per-token correction",
+            );
+        }
+        for correction in [IsCorrection::Mis, IsCorrection::Geo] {
+            LossConfig {
+                kind: LossKind::Gspo,
+                is_correction: correction,
+                ..LossConfig::default()
+            }
+            .validate()
+            .unwrap();
+        }
+        refused(
+            LossConfig {
+                is_max: Some(3.0),
+                ..LossConfig::default()
+            },
+            "is_correction is \"none\"",
+        );
+        refused(
+            LossConfig {
+                is_correction: IsCorrection::Geo,
+                is_min: Some(1.01),
+                ..LossConfig::default()
+            },
+            "band",
+        );
+        refused(
+            LossConfig {
+                cispo_max_weight: 0.9,
+                ..LossConfig::default()
+            },
+            "cispo",
+        );
+        refused(
+            LossConfig {
+                clip_eps_high: Some(-0.1),
+                ..LossConfig::default()
+            },
+            "clip_eps_high",
+        );
+        refused(
+            LossConfig {
+                llds_lambda: f64::NAN,
+                ..LossConfig::default()
+            },
+            "llds_lambda",
+        );
+        // A correction without the sampler's log-probs cannot be computed.
+        let batch = random_batch();
+        let cfg = LossConfig {
+            is_correction: IsCorrection::Tis,
+            ..LossConfig::default()
+        };
+        let err = policy_loss(&batch.inputs(&batch.old, None), &cfg).unwrap_err();
+        assert!(matches!(err, TrainError::InvalidInput(_)), "{err}");
+    }
+
+    #[test]
+    fn configs_name_kinds_and_corrections_and_keep_the_old_fields() {
+        let cfg: LossConfig = serde_json::from_str(
+            r#"{"kind": "llds", "llds_lambda": 0.3, "is_correction": "icepop", "is_max": 4.0,
+                "clip_eps_high": 0.28}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (cfg.kind, cfg.is_correction),
+            (LossKind::Llds, IsCorrection::Icepop)
+        );
+        assert_eq!(cfg.is_band(), Some((0.5, 4.0)));
+        assert_eq!(cfg.ppo_bounds(), (0.8, 1.28));
+        // A config written before the family is SAPO with its own weight and threshold.
+        let old: LossConfig =
+            serde_json::from_str(r#"{"sapo_weight": 0.3, "sapo_threshold": 0.7, "clip_eps": 0.1}"#)
+                .unwrap();
+        assert_eq!(old.kind, LossKind::Sapo);
+        assert_eq!(
+            (old.sapo_weight, old.sapo_threshold, old.clip_eps),
+            (0.3, 0.7, 0.1)
+        );
+        assert_eq!(old.is_correction, IsCorrection::None);
+        for bad in [
+            r#"{"kind": "ppo"}"#,
+            r#"{"is_correction": "vtrace"}"#,
+            r#"{"lambda": 1}"#,
+        ] {
+            assert!(serde_json::from_str::<LossConfig>(bad).is_err(), "{bad}");
+        }
+        // Metrics written before the family still read.
+        let m: LossMetrics = serde_json::from_str(
+            r#"{"loss": 0.1, "pg_loss": 0.1, "sapo_loss": 0.0, "kl_ref_loss": 0.0,
+                "tokens": 4, "positive_tokens": 2, "negative_tokens": 2, "ratio_mean": 1.0,
+                "ratio_min": 1.0, "ratio_max": 1.0, "ratio_below_t_pos": 0.0,
+                "ratio_below_t_neg": 0.0, "ratio_below_half_pos": 0.0,
+                "ratio_below_half_neg": 0.0, "ratio_below_tenth_pos": 0.0,
+                "ratio_below_tenth_neg": 0.0, "sapo_active_frac": 0.0, "clip_frac": 0.0,
+                "approx_kl_k1": 0.0, "approx_kl_k3": 0.0, "kl_ref_k3": 0.0,
+                "entropy_mean": 1.0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (m.llds_loss, m.is_weight_mean, m.seq_ratio_mean),
+            (0.0, None, None)
+        );
+    }
+
+    #[test]
+    fn micro_batches_add_up_for_every_kind_and_correction() {
+        // Three sequences, the first two actions long with a masked observation between them.
+        let r: [&[f64]; 3] = [
+            &[0.45, 1.1, 2.0, 0.7],
+            &[0.6, 1.5, 1.0, 1.0],
+            &[0.95, 0.2, 1.3, 0.9],
+        ];
+        let w: [&[f64]; 3] = [
+            &[1.5, 0.9, 1.0, 3.0],
+            &[1.1, 1.1, 1.0, 0.98],
+            &[1.0, 1.0005, 1.0, 0.3],
+        ];
+        let mask: [&[f64]; 3] = [
+            &[1.0, 1.0, 0.0, 1.0],
+            &[1.0, 0.0, 0.0, 1.0],
+            &[1.0, 1.0, 1.0, 1.0],
+        ];
+        let adv = [1.0, -1.0, 0.5];
+        let bool_masks: Vec<Vec<bool>> = mask
+            .iter()
+            .map(|m| m.iter().map(|v| *v > 0.0).collect())
+            .collect();
+        let norm = LossNormalizer::from_host(&bool_masks, &adv).unwrap();
+        let configs = [
+            (LossKind::Llds, IsCorrection::Tis),
+            (LossKind::Gspo, IsCorrection::Mis),
+            (LossKind::Cispo, IsCorrection::Icepop),
+            (LossKind::Sapo, IsCorrection::Geo),
+        ];
+        for (kind, is_correction) in configs {
+            let cfg = LossConfig {
+                kind,
+                is_correction,
+                is_min: (is_correction == IsCorrection::Geo).then_some(0.5),
+                ..LossConfig::default()
+            };
+            let whole = eval_corrected(&r, &w, &mask, &adv, &cfg);
+            let part = |rows: std::ops::Range<usize>| {
+                let dev = Device::Cpu;
+                let b = rows.len();
+                let values = |f: &dyn Fn(usize) -> Vec<f64>| {
+                    let v: Vec<f64> = rows.clone().flat_map(f).collect();
+                    Tensor::from_vec(v, (b, 4), &dev).unwrap()
+                };
+                let logp = values(&|i| r[i].iter().map(|x| -1.0 + x.ln()).collect());
+                let sampler = values(&|i| w[i].iter().map(|x| -1.0 - x.ln()).collect());
+                let m = values(&|i| mask[i].to_vec());
+                let old = Tensor::full(-1.0f64, (b, 4), &dev).unwrap();
+                let a = Tensor::from_slice(&adv[rows.clone()], b, &dev).unwrap();
+                let inputs = PolicyLossInputs {
+                    logp: &logp,
+                    logp_old: &old,
+                    logp_sampler: Some(&sampler),
+                    mask: &m,
+                    advantages: &a,
+                    ref_logp: None,
+                    entropy: None,
+                    normalizer: Some(norm),
+                };
+                policy_loss(&inputs, &cfg).unwrap().1
+            };
+            let mut merged = part(0..1);
+            merged.merge(&part(1..3));
+            let what = format!("{kind:?} {is_correction:?}");
+            let want = &whole.metrics;
+            assert!(
+                close(merged.loss, want.loss),
+                "{what}: {} vs {}",
+                merged.loss,
+                want.loss
+            );
+            for (a, b) in [
+                (merged.llds_loss, want.llds_loss),
+                (merged.llds_active_frac, want.llds_active_frac),
+                (merged.clip_frac, want.clip_frac),
+                (merged.is_weight_mean.unwrap(), want.is_weight_mean.unwrap()),
+                (
+                    merged.is_clip_frac_pos.unwrap(),
+                    want.is_clip_frac_pos.unwrap(),
+                ),
+                (
+                    merged.is_clip_frac_neg.unwrap(),
+                    want.is_clip_frac_neg.unwrap(),
+                ),
+                (merged.seq_ratio_mean.unwrap(), want.seq_ratio_mean.unwrap()),
+                (merged.seq_ratio_min.unwrap(), want.seq_ratio_min.unwrap()),
+            ] {
+                assert!(close(a, b), "{what}: {merged:?} vs {want:?}");
+            }
+            assert_eq!(merged.sequences, 3);
+        }
     }
 }

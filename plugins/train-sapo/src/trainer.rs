@@ -1,4 +1,4 @@
-//! The GRPO + SAPO training loop: advantages, PPO epochs over shuffled mini-batches, gradient
+//! The training loop: advantages, PPO epochs over shuffled mini-batches, gradient
 //! accumulation over micro-batches, gradient-norm clipping, linear warm-up, AdamW on the LoRA
 //! variables only.
 //!
@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::correction::IsCorrection;
 use crate::error::{Result, TrainError};
 use crate::loss::{
     AdvantageConfig, LossConfig, LossMetrics, LossNormalizer, PolicyLossInputs, group_advantages,
@@ -68,7 +69,8 @@ pub enum OldLogprobSource {
     /// Recomputed by the trainer before the first update, under the adapter version that
     /// sampled each sequence when the trainer was given it ([`Trainer::add_behaviour_adapter`])
     /// and under the trainer's starting adapter otherwise: the sampler's distribution with the
-    /// trainer's numerics.
+    /// trainer's numerics. The recorded log-probs are kept beside them for a sampler correction
+    /// ([`LossConfig::is_correction`]), which only this source allows.
     Recompute,
 }
 
@@ -111,6 +113,57 @@ pub struct TrainerConfig {
     pub old_logprobs: OldLogprobSource,
     /// Seed for shuffling.
     pub seed: u64,
+}
+
+impl TrainerConfig {
+    /// Checks every value, and that the loss's sampler correction has both log-probs it
+    /// compares, so that a bad config fails before any model work. Messages name fields as
+    /// written under the trainer's table (`loss.clip_eps`).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(TrainError::Config(msg));
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(format!(
+                "learning_rate must be positive, got {}",
+                self.learning_rate
+            ));
+        }
+        if self.ppo_epochs == 0 || self.mini_batch_size == 0 || self.micro_batch_size == 0 {
+            return bad(
+                "ppo_epochs, mini_batch_size and micro_batch_size must be at least 1".into(),
+            );
+        }
+        for (name, value) in [
+            ("max_grad_norm", self.max_grad_norm),
+            ("weight_decay", self.weight_decay),
+        ] {
+            if !(value.is_finite() && value >= 0.0) {
+                return bad(format!("{name} must be a finite number >= 0, got {value}"));
+            }
+        }
+        for (name, value) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&value) {
+                return bad(format!("{name} must be in [0, 1), got {value}"));
+            }
+        }
+        if !(self.adam_eps > 0.0 && self.advantages.std_eps >= 0.0) {
+            return bad("adam_eps must be positive and advantages.std_eps >= 0".into());
+        }
+        self.loss.validate().map_err(|e| match e {
+            TrainError::Config(msg) => TrainError::Config(format!("loss.{msg}")),
+            other => other,
+        })?;
+        let correction = self.loss.is_correction;
+        if correction != IsCorrection::None && self.old_logprobs != OldLogprobSource::Recompute {
+            return bad(format!(
+                "loss.is_correction = \"{}\" weighs tokens by exp(logp_old - logp_sampler), the \
+                 trainer's recomputed behaviour log-prob against the sampler's recorded one; with \
+                 old_logprobs = \"behaviour\" the two are the same numbers, so set old_logprobs \
+                 = \"recompute\" or is_correction = \"none\"",
+                correction.name()
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainerConfig {
@@ -208,6 +261,9 @@ struct Prepared {
     /// Length `tokens.len() - 1`: whether position `j` (predicting token `j + 1`) is trained.
     mask: Vec<bool>,
     old: Vec<f32>,
+    /// The sampler's recorded log-probs, kept when `old` is recomputed for a sampler
+    /// correction.
+    sampler: Option<Vec<f32>>,
     reference: Option<Vec<f32>>,
     advantage: f64,
     temperature: f64,
@@ -215,21 +271,10 @@ struct Prepared {
 }
 
 impl Trainer {
-    /// Creates a trainer; the optimizer covers exactly the adapter's variables.
+    /// Creates a trainer once its config validates ([`TrainerConfig::validate`]); the
+    /// optimizer covers exactly the adapter's variables.
     pub fn new(model: Llama, adapter: LoraAdapter, config: TrainerConfig) -> Result<Self> {
-        if config.mini_batch_size == 0 || config.micro_batch_size == 0 {
-            return Err(TrainError::Config(
-                "mini_batch_size and micro_batch_size must be positive".to_string(),
-            ));
-        }
-        if config.learning_rate.is_nan()
-            || config.learning_rate <= 0.0
-            || config.max_grad_norm < 0.0
-        {
-            return Err(TrainError::Config(
-                "learning_rate must be positive and max_grad_norm non-negative".to_string(),
-            ));
-        }
+        config.validate()?;
         if adapter.model_config() != model.config() {
             return Err(TrainError::Adapter(
                 "the adapter was built for a different model configuration".to_string(),
@@ -348,6 +393,7 @@ impl Trainer {
                 tokens: s.tokens.clone(),
                 mask: s.loss_mask[1..].to_vec(),
                 old: s.behaviour_logprobs[1..].to_vec(),
+                sampler: None,
                 reference: None,
                 advantage: a,
                 temperature: s.temperature,
@@ -357,6 +403,7 @@ impl Trainer {
 
         let mut gap = GapStats::default();
         let recompute = self.config.old_logprobs == OldLogprobSource::Recompute;
+        let keep_sampler = self.config.loss.is_correction != IsCorrection::None;
         if recompute && !prepared.is_empty() {
             self.adapter.set_training(false);
             // Micro-batches of one behaviour adapter each: `Some(version)` for a version the
@@ -380,7 +427,10 @@ impl Trainer {
                     for (&i, lp) in chunk.iter().zip(lps) {
                         let p = &mut prepared[i];
                         gap.add(&p.mask, &p.old, &lp);
-                        p.old = lp;
+                        let recorded = std::mem::replace(&mut p.old, lp);
+                        if keep_sampler {
+                            p.sampler = Some(recorded);
+                        }
                     }
                 }
             }
@@ -462,9 +512,14 @@ impl Trainer {
                     gap.add(&data[i].mask, &data[i].old, &row);
                 }
             }
+            let sampler = match &batch.sampler {
+                Some(t) => Some(t.to_dtype(logp.dtype())?),
+                None => None,
+            };
             let inputs = PolicyLossInputs {
                 logp: &logp,
                 logp_old: &batch.old.to_dtype(logp.dtype())?,
+                logp_sampler: sampler.as_ref(),
                 mask: &batch.mask.to_dtype(logp.dtype())?,
                 advantages: &batch.advantages.to_dtype(logp.dtype())?,
                 ref_logp: batch.reference.as_ref(),
@@ -616,6 +671,8 @@ impl Trainer {
         let pack = PackedSequences::new(&sequences)?;
         let mut mask = vec![0f32; b * (t - 1)];
         let mut old = vec![0f32; b * (t - 1)];
+        let mut sampler = vec![0f32; b * (t - 1)];
+        let mut has_sampler = true;
         let mut reference = vec![0f32; b * (t - 1)];
         let mut has_reference = true;
         let mut advantages = Vec::with_capacity(b);
@@ -628,6 +685,14 @@ impl Trainer {
                 // Untrained positions may carry junk (NaN, -inf) from the logger; they are
                 // masked anyway, and zeroing them keeps every product in the loss finite.
                 old[k] = if p.mask[j] { p.old[j] } else { 0.0 };
+            }
+            match &p.sampler {
+                Some(recorded) => {
+                    for (j, (&m, &v)) in p.mask.iter().zip(recorded).enumerate() {
+                        sampler[row * (t - 1) + j] = if m { v } else { 0.0 };
+                    }
+                }
+                None => has_sampler = false,
             }
             match &p.reference {
                 Some(r) => {
@@ -644,6 +709,11 @@ impl Trainer {
             pack,
             mask: Tensor::from_vec(mask, (b, t - 1), device)?,
             old: Tensor::from_vec(old, (b, t - 1), device)?,
+            sampler: if has_sampler {
+                Some(Tensor::from_vec(sampler, (b, t - 1), device)?)
+            } else {
+                None
+            },
             reference: if has_reference {
                 Some(Tensor::from_vec(reference, (b, t - 1), device)?)
             } else {
@@ -688,6 +758,8 @@ struct Collated {
     pack: PackedSequences,
     mask: Tensor,
     old: Tensor,
+    /// The sampler's log-probs, when every sequence kept them.
+    sampler: Option<Tensor>,
     reference: Option<Tensor>,
     advantages: Tensor,
     temperatures: Vec<f64>,
@@ -736,6 +808,7 @@ fn validate(i: usize, s: &TrainSequence, vocab: usize) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::loss::LossKind;
     use searchloop_llama::sample::{SampleParams, sample};
     use searchloop_llama::{Architecture, LlamaConfig};
     use searchloop_llama::{LoraConfig, TargetModule};
@@ -838,17 +911,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn toy_task_reward_rises() {
-        let mut t = toy_trainer(1, toy_config_trainer());
-        let start = next_token_probs(&t);
-        // A token the untrained model emits now and then, so that groups carry signal.
-        let target = start
+    /// A token the untrained model emits now and then (about 6 % of the time), so that groups
+    /// carry signal.
+    fn sometimes_sampled(probs: &[f32]) -> u32 {
+        probs
             .iter()
             .enumerate()
             .min_by(|a, b| (a.1 - 0.06).abs().total_cmp(&(b.1 - 0.06).abs()))
             .map(|(i, _)| i as u32)
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn toy_task_reward_rises() {
+        let mut t = toy_trainer(1, toy_config_trainer());
+        let start = next_token_probs(&t);
+        let target = sometimes_sampled(&start);
         let mut rng = ChaCha8Rng::seed_from_u64(99);
         let mut rewards = Vec::new();
         let mut trained = false;
@@ -974,6 +1052,7 @@ mod tests {
             mask: vec![true; tokens.len() - 1],
             old: vec![0.0; tokens.len() - 1],
             tokens,
+            sampler: None,
             reference: None,
             advantage: 1.0,
             temperature: 1.0,
@@ -1129,6 +1208,134 @@ mod tests {
         });
         assert!(matches!(stopped, Err(TrainError::Cancelled)));
         assert_eq!(calls, 1);
+    }
+
+    #[test]
+    fn every_loss_kind_learns_the_toy_task() {
+        let kinds = [
+            (LossKind::Grpo, IsCorrection::Tis),
+            (LossKind::Sapo, IsCorrection::Icepop),
+            (LossKind::Gspo, IsCorrection::Mis),
+            (LossKind::Cispo, IsCorrection::None),
+            (LossKind::Llds, IsCorrection::Geo),
+        ];
+        for (kind, is_correction) in kinds {
+            let cfg = TrainerConfig {
+                loss: LossConfig {
+                    kind,
+                    is_correction,
+                    ..LossConfig::default()
+                },
+                old_logprobs: OldLogprobSource::Recompute,
+                ..toy_config_trainer()
+            };
+            let mut t = toy_trainer(1, cfg);
+            let start = next_token_probs(&t);
+            let target = sometimes_sampled(&start);
+            let mut rng = ChaCha8Rng::seed_from_u64(99);
+            let mut last = None;
+            for _ in 0..8 {
+                let batch = rollouts(&t, target, 8, &mut rng);
+                last = t.train(&batch).unwrap().steps.pop();
+            }
+            let (p0, p1) = (
+                start[target as usize],
+                next_token_probs(&t)[target as usize],
+            );
+            let m = last.unwrap().loss;
+            println!(
+                "{kind:?} + {is_correction:?}: p(target) {p0:.3} -> {p1:.3}; last step: seq \
+                 ratio {:?}, clip {:.3}, LLDS active {:.3}, IS weight {:?}",
+                m.seq_ratio_mean, m.clip_frac, m.llds_active_frac, m.is_weight_mean
+            );
+            assert!(p1 > 3.0 * p0, "{kind:?}: p(target) {p0} -> {p1}");
+            assert_eq!(
+                m.is_weight_mean.is_some(),
+                is_correction != IsCorrection::None
+            );
+        }
+    }
+
+    #[test]
+    fn a_sampler_correction_needs_recomputed_old_logprobs() {
+        let cfg = TrainerConfig {
+            loss: LossConfig {
+                is_correction: IsCorrection::Tis,
+                ..LossConfig::default()
+            },
+            ..toy_config_trainer()
+        };
+        let model = Llama::random(toy_config(), 21, &Device::Cpu, DType::F32).unwrap();
+        let adapter = LoraAdapter::new(
+            LoraConfig::default(),
+            model.config(),
+            &Device::Cpu,
+            DType::F32,
+        )
+        .unwrap();
+        let err = Trainer::new(model, adapter, cfg.clone()).unwrap_err();
+        assert!(matches!(err, TrainError::Config(_)), "{err}");
+        assert!(
+            err.to_string().contains("old_logprobs = \"recompute\""),
+            "{err}"
+        );
+        TrainerConfig {
+            old_logprobs: OldLogprobSource::Recompute,
+            ..cfg
+        }
+        .validate()
+        .unwrap();
+        // The loss's own refusals come out named from the trainer's table.
+        let gspo_tis = TrainerConfig {
+            loss: LossConfig {
+                kind: LossKind::Gspo,
+                is_correction: IsCorrection::Tis,
+                ..LossConfig::default()
+            },
+            old_logprobs: OldLogprobSource::Recompute,
+            ..toy_config_trainer()
+        };
+        let err = gspo_tis.validate().unwrap_err().to_string();
+        assert!(err.contains("loss.kind = \"gspo\""), "{err}");
+    }
+
+    #[test]
+    fn the_sampler_correction_weighs_by_the_recorded_logprobs() {
+        let cfg = TrainerConfig {
+            loss: LossConfig {
+                is_correction: IsCorrection::Tis,
+                ..LossConfig::default()
+            },
+            old_logprobs: OldLogprobSource::Recompute,
+            ppo_epochs: 1,
+            ..toy_config_trainer()
+        };
+        let mut t = toy_trainer(3, cfg);
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut batch = rollouts(&t, 4, 2, &mut rng);
+        for s in &mut batch {
+            s.reward = 0.0;
+        }
+        // Group 0: two rewarded episodes whose sampler gave the answer a third of the
+        // probability the trainer recomputes (w = 3, truncated to 2), and six unrewarded ones
+        // the sampler scored exactly (w = 1).
+        for s in &mut batch[..2] {
+            s.reward = 1.0;
+            s.behaviour_logprobs[3] -= 3f32.ln();
+        }
+        let report = t.train(&batch).unwrap();
+        assert!((report.logprob_gap_max.unwrap() - 3f64.ln()).abs() < 1e-4);
+        let m = &report.steps[0].loss;
+        assert_eq!(report.trained_sequences, 8);
+        assert_eq!((m.positive_tokens, m.negative_tokens), (2, 6));
+        assert!(
+            (m.is_weight_mean.unwrap() - (2.0 * 2.0 + 6.0) / 8.0).abs() < 1e-4,
+            "{m:?}"
+        );
+        assert_eq!(
+            (m.is_clip_frac_pos, m.is_clip_frac_neg),
+            (Some(1.0), Some(0.0))
+        );
     }
 
     #[test]
