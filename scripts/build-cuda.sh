@@ -27,7 +27,10 @@ prefix="$PWD/.cache/cuda"
 toolkit='cuda-toolkit[nvcc,cccl,crt,nvvm,cudart,cublas,curand,nvrtc,nvjitlink]==13.0.2'
 say() { echo "build-cuda.sh: $*" >&2; }
 
-if [ ! -x "$prefix/cuda/bin/nvcc" ]; then
+# The link stub is laid out last, so its presence means an earlier layout finished; a layout
+# that was interrupted is redone from the start.
+if [ ! -f "$prefix/cuda/lib64/stubs/libcuda.so" ]; then
+    rm -rf "$prefix/cuda"
     say "laying out $toolkit in $prefix"
     mkdir -p "$prefix"
     [ -x "$prefix/venv/bin/pip" ] || python3 -m venv "$prefix/venv"
@@ -52,8 +55,9 @@ if [ ! -x "$prefix/cuda/bin/nvcc" ]; then
     printf '%s\n' cuProfilerInitialize cuProfilerStart cuProfilerStop >>"$symbols"
     cargo fetch --locked >/dev/null 2>&1 || true
     for bindings in "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.*/src/driver/sys/mod.rs; do
-        [ -f "$bindings" ] && grep -ohE '^\s+fn cu[A-Za-z0-9_]+\(' "$bindings" |
-            sed -E 's/^\s+fn (cu[A-Za-z0-9_]+)\(/\1/' >>"$symbols"
+        # `|| true`: a cudarc version whose bindings declare no such name adds nothing.
+        [ -f "$bindings" ] && { grep -ohE '\bfn cu[A-Za-z0-9_]+\(' "$bindings" || true; } |
+            sed -E 's/^fn (cu[A-Za-z0-9_]+)\(/\1/' >>"$symbols"
     done
     sort -u "$symbols" | awk '{print "void " $1 "(void){}"}' >"$cuda/lib64/stubs/libcuda_stub.c"
     gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$cuda/lib64/stubs/libcuda.so" \

@@ -223,6 +223,11 @@ impl Agent {
     }
 
     async fn run_with(&self, policy: &dyn Policy, request: EpisodeRequest) -> Result<Trajectory> {
+        let limit = self.config.protocol.max_question_chars;
+        let chars = request.question.chars().count();
+        if chars > limit {
+            return Err(Error::QuestionTooLong { chars, limit });
+        }
         let started = Instant::now();
         let started_at = Utc::now();
         let protocol = &self.config.protocol;

@@ -16,6 +16,18 @@ pub enum Error {
     /// A trajectory sink (store, file) failed to record an episode.
     #[error("trajectory sink error: {0}")]
     Sink(String),
+    /// A question is longer than `[agent.protocol] max_question_chars`: refused before any
+    /// model work, so one oversized request cannot hold the engine.
+    #[error(
+        "the question is {chars} characters long, more than the limit of {limit} \
+         ([agent.protocol] max_question_chars)"
+    )]
+    QuestionTooLong {
+        /// The question's length in characters.
+        chars: usize,
+        /// The configured limit.
+        limit: usize,
+    },
     /// A trajectory does not satisfy its invariants (lengths, segments, masks).
     #[error("invalid trajectory: {0}")]
     InvalidTrajectory(String),

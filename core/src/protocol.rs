@@ -145,6 +145,9 @@ pub struct ProtocolConfig {
     pub max_turn_tokens: usize,
     /// Most tokens the model may generate over a whole episode.
     pub max_episode_tokens: usize,
+    /// Longest question accepted, in characters. Customer questions are a sentence or two; a
+    /// far longer one is refused before it costs a prefill.
+    pub max_question_chars: usize,
 }
 
 impl Default for ProtocolConfig {
@@ -161,9 +164,13 @@ impl Default for ProtocolConfig {
             // generated token also lengthens the next turn's prompt.
             max_turn_tokens: 48,
             max_episode_tokens: 256,
+            max_question_chars: DEFAULT_MAX_QUESTION_CHARS,
         }
     }
 }
+
+/// The default question length limit, in characters: ten times a long customer question.
+pub const DEFAULT_MAX_QUESTION_CHARS: usize = 2_000;
 
 /// The default system prompt: short, with one worked example, because a 135M-parameter model
 /// imitates an example far better than it follows instructions.
@@ -185,9 +192,11 @@ should put the answer between <answer> and </answer>. Let me try again.\n";
 impl ProtocolConfig {
     /// Checks ranges, so a bad config fails at start-up.
     pub fn validate(&self) -> Result<()> {
-        if self.max_turn_tokens == 0 || self.max_episode_tokens == 0 {
+        if self.max_turn_tokens == 0 || self.max_episode_tokens == 0 || self.max_question_chars == 0
+        {
             return Err(Error::Config(
-                "max_turn_tokens and max_episode_tokens must be at least 1".into(),
+                "max_turn_tokens, max_episode_tokens and max_question_chars must be at least 1"
+                    .into(),
             ));
         }
         if self.implicit_close_stops.iter().any(String::is_empty) {

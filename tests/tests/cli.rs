@@ -297,6 +297,88 @@ fn a_relative_model_path_and_a_users_question_file_work() {
 }
 
 #[test]
+fn learn_runs_a_round_writes_its_report_and_resumes_instead_of_repeating() {
+    let work = tempfile::tempdir().unwrap();
+    let workdir = work.path().join("learn");
+    let args = [
+        "learn",
+        "--workdir",
+        workdir.to_str().unwrap(),
+        "--arms",
+        "grpo",
+        "--seeds",
+        "1",
+        "--rounds",
+        "1",
+        "--eval",
+        "2",
+        "--generalization",
+        "0",
+        "--prompts",
+        "1",
+        "--group-size",
+        "2",
+        "--epochs",
+        "1",
+    ];
+    let first = run_searchloop(&args, &[]);
+    let (out, err) = (stdout_of(&first), stderr_of(&first));
+    assert!(first.status.success(), "{out}\n{err}");
+    assert!(out.contains("0 of 1 rounds done"), "{out}");
+    let run = workdir.join("runs/grpo-seed1");
+    let rounds = std::fs::read_to_string(run.join("rounds.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = rounds
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{rounds}");
+    assert_eq!(lines[0]["round"], 1);
+    for file in [
+        "learning.json",
+        "learning.md",
+        "learning.svg",
+        "learning.png",
+    ] {
+        let path = workdir.join("report").join(file);
+        assert!(
+            std::fs::metadata(&path).is_ok_and(|m| m.len() > 0),
+            "{} missing",
+            path.display()
+        );
+    }
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workdir.join("report/learning.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(report.to_string().contains("grpo"), "{report}");
+
+    // A second start finds the round in the run's record and trains nothing again.
+    let again = run_searchloop(&args, &[]);
+    let out = stdout_of(&again);
+    assert!(again.status.success(), "{}", stderr_of(&again));
+    assert!(out.contains("1 of 1 rounds done"), "{out}");
+    let rounds_after = std::fs::read_to_string(run.join("rounds.jsonl")).unwrap();
+    assert_eq!(rounds_after, rounds);
+
+    let unknown = run_searchloop(
+        &[
+            "learn",
+            "--workdir",
+            workdir.to_str().unwrap(),
+            "--arms",
+            "ppo",
+        ],
+        &[],
+    );
+    let err = stderr_of(&unknown);
+    assert!(!unknown.status.success());
+    assert!(
+        err.contains("unknown arm 'ppo'") && err.contains("cispo"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_broken_config_is_one_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("broken.toml");

@@ -317,7 +317,9 @@ async fn run_one(
         args.rounds,
         dir.display()
     );
-    if report.rounds.len() >= args.rounds && report.generalization_after.is_some() {
+    if report.rounds.len() >= args.rounds
+        && (unseen.is_none() || report.generalization_after.is_some())
+    {
         return Ok(report);
     }
     let runtime = Runtime::start(config.clone()).await?;

@@ -73,6 +73,9 @@ impl From<RuntimeError> for SearchloopError {
         match e {
             RuntimeError::Config(_) | RuntimeError::Io { .. } => Self::Config(message),
             RuntimeError::Core(searchloop_core::Error::Config(_)) => Self::Config(message),
+            RuntimeError::Core(searchloop_core::Error::QuestionTooLong { .. }) => {
+                Self::InvalidInput(message)
+            }
             RuntimeError::Fetch(_) | RuntimeError::Model(_) => Self::Model(message),
             RuntimeError::Tool { .. } => Self::Tool(message),
             RuntimeError::Store(store) => store.into(),

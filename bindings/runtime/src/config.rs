@@ -69,8 +69,9 @@ pub struct ModelSection {
     pub engine: Engine,
     /// In-memory encoding of the weights: `f32` (the default), `original`, `q8_0` or `q4_0`.
     pub weights: WeightsEncoding,
-    /// Most sequences decoded at once.
-    pub max_concurrent_sequences: usize,
+    /// Most sequences decoded at once; later requests wait for room. Absent: 16 on the CPU,
+    /// 64 on a GPU.
+    pub max_concurrent_sequences: Option<usize>,
     /// Longest prompt plus completion; absent uses the model's own (the candle engine caps it
     /// at 4,096).
     pub context_length: Option<usize>,
@@ -98,7 +99,7 @@ impl Default for ModelSection {
             // the shipped Q4_1 on a CPU, and their log-probs are the trainer's to 1e-4
             // (BENCHMARKS.md). For a much larger model, `q8_0` saves the memory.
             weights: WeightsEncoding::F32,
-            max_concurrent_sequences: candle.max_sequences,
+            max_concurrent_sequences: None,
             context_length: None,
             chat_template: None,
             max_step_tokens: candle.max_step_tokens,
@@ -108,7 +109,21 @@ impl Default for ModelSection {
     }
 }
 
+/// Sequences decoded at once on the CPU unless configured. A step's time grows with every
+/// sequence on two cores (92 ms for 8, 330 ms for 32 on the embedded model), so past about 16
+/// more sequences add latency to all of them and little throughput: under an overload, a cap
+/// lets the first askers finish inside their timeouts instead of all of them timing out.
+const CPU_CONCURRENT_SEQUENCES: usize = 16;
+
 impl ModelSection {
+    /// Sequences decoded at once: the configured number, else the device's default.
+    pub fn concurrent_sequences(&self) -> usize {
+        self.max_concurrent_sequences.unwrap_or(match self.device {
+            Device::Cpu => CPU_CONCURRENT_SEQUENCES,
+            Device::Cuda(_) => CandleConfig::default().max_sequences,
+        })
+    }
+
     /// The candle engine's config for the GGUF at `path`, stamped with adapter `version`.
     pub fn candle(&self, path: PathBuf, version: Option<u64>) -> CandleConfig {
         CandleConfig {
@@ -118,7 +133,7 @@ impl ModelSection {
             adapter_version: version,
             context_length: self.context_length,
             chat_template: self.chat_template.clone(),
-            max_sequences: self.max_concurrent_sequences,
+            max_sequences: self.concurrent_sequences(),
             max_step_tokens: self.max_step_tokens,
             prefix_cache_entries: self.prefix_cache_entries,
             kv_budget_tokens: self.kv_budget_tokens,
@@ -134,7 +149,7 @@ impl ModelSection {
             Device::Cuda(ordinal) => Some(ordinal),
         };
         engine.weights = self.weights;
-        engine.max_concurrent_sequences = self.max_concurrent_sequences;
+        engine.max_concurrent_sequences = self.concurrent_sequences();
         engine.context_length = self.context_length;
         engine.chat_template = self.chat_template.clone();
         engine
@@ -334,7 +349,7 @@ impl AppConfig {
                 "at least one [[tools]] entry is needed".into(),
             ));
         }
-        if self.model.max_concurrent_sequences == 0 {
+        if self.model.max_concurrent_sequences == Some(0) {
             return Err(RuntimeError::Config(
                 "model.max_concurrent_sequences must be at least 1".into(),
             ));

@@ -228,6 +228,11 @@ impl ApiError {
     pub fn from_episode(error: searchloop_core::Error) -> Self {
         match error {
             searchloop_core::Error::Config(message) => Self::invalid_request(message),
+            too_long @ searchloop_core::Error::QuestionTooLong { .. } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "question_too_long",
+                too_long.to_string(),
+            ),
             searchloop_core::Error::Sink(message) => Self::store_unavailable(message),
             other => Self::internal("episode_failed", other.to_string()),
         }

@@ -429,6 +429,18 @@ async fn every_bad_request_gets_a_json_4xx_and_the_server_keeps_serving() {
             StatusCode::NOT_FOUND,
             "not_found",
         ),
+        // One character over the default limit: refused before any model work.
+        (
+            "/v1/ask",
+            json_type,
+            format!(
+                "{{\"question\": \"{}\"}}",
+                "é".repeat(searchloop_core::DEFAULT_MAX_QUESTION_CHARS + 1)
+            )
+            .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "question_too_long",
+        ),
     ];
     for (path, content_type, body, status, code) in cases {
         let response = post_raw(path, content_type, body).await.unwrap();
@@ -892,6 +904,81 @@ async fn the_real_model_answers_over_http() {
     );
     let text = text_of(client.get(server.url("/metrics"))).await;
     assert!(metric(&text, "searchloop_tokens_generated_total") > 0.0);
+    server.stop().await.unwrap();
+}
+
+/// Sixty-four askers at once against the embedded model on the CPU: every one gets a well-formed
+/// answer or a clean 503/504 within the request timeout, nothing answered is missing from the
+/// store, and the server goes on serving afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_askers_on_the_real_model_get_answers_or_clean_refusals() {
+    use searchloop_runtime::Runtime;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, dataset) = support::retail_config(dir.path());
+    let runtime = Arc::new(Runtime::start(config).await.unwrap());
+    let store = runtime.store().clone();
+    let state = AppState::from_runtime(runtime);
+    let timeout = Duration::from_secs(30);
+    let server_config = ServerConfig {
+        request_timeout: timeout,
+        ..ServerConfig::default()
+    };
+    let server = Arc::new(TestServer::serve(state, store, server_config, dir).await);
+    let client = Client::new();
+    let asks = dataset.questions.iter().take(64).enumerate().map(|(i, q)| {
+        let (client, server) = (client.clone(), server.clone());
+        let question = q.question.clone();
+        tokio::spawn(async move {
+            let response = client
+                .post(server.url("/v1/ask"))
+                .json(&json!({"question": question, "seed": i}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let body: Value = response.json().await.unwrap();
+            (status, body)
+        })
+    });
+    let started = std::time::Instant::now();
+    let mut answered = 0u64;
+    let mut refused = 0u64;
+    for ask in asks.collect::<Vec<_>>() {
+        let (status, body) = ask.await.unwrap();
+        match status {
+            StatusCode::OK => {
+                assert!(body["trajectory_id"].is_string(), "{body}");
+                assert!(body.get("end").is_some(), "{body}");
+                answered += 1;
+            }
+            StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT => {
+                assert!(body["error"]["code"].is_string(), "{body}");
+                refused += 1;
+            }
+            other => panic!("status {other}: {body}"),
+        }
+    }
+    eprintln!(
+        "64 askers: {answered} answered, {refused} refused in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(answered + refused, 64);
+    assert!(answered > 0, "no asker got an answer");
+    assert!(started.elapsed() < timeout + Duration::from_secs(30));
+    // Every answer is in the store; refused episodes recorded nothing.
+    assert_eq!(server.store.stats().await.unwrap().trajectories, answered);
+    // The server survived and still answers.
+    let health = client.get(server.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let after = ask(
+        &client,
+        &server,
+        json!({"question": dataset.questions[0].question, "seed": 1}),
+    )
+    .await;
+    assert!(!after.trajectory_id.is_empty());
+    let server = Arc::into_inner(server).unwrap();
     server.stop().await.unwrap();
 }
 

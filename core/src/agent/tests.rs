@@ -367,6 +367,40 @@ async fn token_budget_ends_a_rambling_episode() {
 }
 
 #[tokio::test]
+async fn a_question_over_the_limit_is_refused_before_the_model_runs() {
+    let mut config = unscaffolded();
+    config.protocol.max_question_chars = 10;
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = asked.clone();
+    let policy = ScriptedPolicy::new(move |_: &str| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        "<answer>x</answer>".to_string()
+    });
+    let (agent, _) = agent(policy, config);
+    // Ten characters (of two bytes each) are within the limit.
+    assert!(agent.ask(&"é".repeat(10)).await.is_ok());
+    let served = asked.load(Ordering::SeqCst);
+    assert!(served > 0);
+    let err = agent.ask(&"é".repeat(11)).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::QuestionTooLong {
+                chars: 11,
+                limit: 10
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("max_question_chars"), "{err}");
+    assert_eq!(asked.load(Ordering::SeqCst), served, "the model ran");
+    // Zero is not a limit.
+    let mut config = unscaffolded();
+    config.protocol.max_question_chars = 0;
+    assert!(config.validate().is_err());
+}
+
+#[tokio::test]
 async fn groups_share_an_id_and_episodes_are_recorded() {
     struct Memory(Mutex<Vec<Trajectory>>);
     #[async_trait::async_trait]

@@ -4,7 +4,7 @@
 //! episodes in the store.
 
 use std::{
-    collections::HashSet,
+    collections::{HashSet, VecDeque},
     path::{Path, PathBuf},
 };
 
@@ -112,12 +112,13 @@ pub fn read_train_prompts(path: &Path) -> Result<Vec<Question>> {
     Ok(prompts)
 }
 
-/// The first `limit` held-out questions of a question file (lines without a split count as
-/// held out).
+/// Up to `limit` held-out questions of a question file (lines without a split count as held
+/// out), taken in turn from each kind (kinds in the order they first appear, questions of a kind
+/// in file order). So a small limit still measures every kind, whereas a plain prefix of a file
+/// written kind by kind would measure only the first.
 pub fn read_eval_items(path: &Path, limit: usize) -> Result<Vec<Question>> {
     let items: Vec<Question> = read_lines(path, Split::Heldout)?
         .into_iter()
-        .take(limit)
         .map(|(n, l)| l.into_question(n))
         .collect();
     if items.is_empty() {
@@ -126,7 +127,32 @@ pub fn read_eval_items(path: &Path, limit: usize) -> Result<Vec<Question>> {
             reason: "no held-out question with answers".into(),
         });
     }
-    Ok(items)
+    Ok(interleave_kinds(items, limit))
+}
+
+/// The first `limit` questions of a round-robin over the kinds of `items`.
+fn interleave_kinds(items: Vec<Question>, limit: usize) -> Vec<Question> {
+    let mut by_kind: Vec<(String, VecDeque<Question>)> = Vec::new();
+    for item in items {
+        match by_kind.iter_mut().find(|(kind, _)| *kind == item.kind) {
+            Some((_, queue)) => queue.push_back(item),
+            None => by_kind.push((item.kind.clone(), [item].into())),
+        }
+    }
+    let mut picked = Vec::new();
+    while picked.len() < limit {
+        let before = picked.len();
+        for (_, queue) in &mut by_kind {
+            if picked.len() == limit {
+                break;
+            }
+            picked.extend(queue.pop_front());
+        }
+        if picked.len() == before {
+            break;
+        }
+    }
+    picked
 }
 
 /// How many logged episodes are scanned for distinct train-split questions.
@@ -261,6 +287,36 @@ mod tests {
         );
         assert!(read_train_prompts(&path).is_err());
         assert!(read_train_prompts(&dir.path().join("missing.jsonl")).is_err());
+    }
+
+    #[test]
+    fn a_limited_eval_set_takes_every_kind_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let line = |id: &str, kind: &str| {
+            format!(
+                r#"{{"id":"{id}","question":"q {id}","answers":["a"],"kind":"{kind}","split":"heldout"}}"#
+            )
+        };
+        let text = [
+            line("s1", "single_hop"),
+            line("s2", "single_hop"),
+            line("s3", "single_hop"),
+            line("m1", "multi_hop"),
+            line("m2", "multi_hop"),
+            line("t1", "stock"),
+        ]
+        .join("\n");
+        let path = write(dir.path(), &text);
+        let ids = |limit| -> Vec<String> {
+            read_eval_items(&path, limit)
+                .unwrap()
+                .into_iter()
+                .map(|q| q.id)
+                .collect()
+        };
+        assert_eq!(ids(3), ["s1", "m1", "t1"]);
+        assert_eq!(ids(5), ["s1", "m1", "t1", "s2", "m2"]);
+        assert_eq!(ids(100), ["s1", "m1", "t1", "s2", "m2", "s3"]);
     }
 
     #[test]

@@ -202,9 +202,34 @@ impl Engine {
         running + self.cached.iter().map(|c| c.tokens.len()).sum::<usize>()
     }
 
-    /// Admits waiting jobs in arrival order while they fit, dropping cached prefixes to make
-    /// room; a job that can never fit is answered with an error.
+    /// Admits waiting jobs while they fit, dropping cached prefixes to make room; a job that
+    /// can never fit is answered with an error.
+    ///
+    /// Jobs whose prompt continues a cached sequence further go first (arrival order among
+    /// equals). Every fresh question shares only the system prompt with the cache, while the
+    /// next turn of a running episode extends its previous turn: putting it first finishes
+    /// episodes already under way before starting new ones, so that under an overload the
+    /// first askers are answered within their timeouts, where plain arrival order would move
+    /// every episode forward one turn at a time and let them all time out together.
     fn admit(&mut self) {
+        if self.waiting.len() > 1
+            && !self.cached.is_empty()
+            && self.running_sequences() < self.limits.max_sequences
+        {
+            let waiting = std::mem::take(&mut self.waiting);
+            let mut ordered: Vec<(usize, Job)> = waiting
+                .into_iter()
+                .map(|job| {
+                    (
+                        self.cached_prefix(&job.prompt).map_or(0, |(len, _)| len),
+                        job,
+                    )
+                })
+                .collect();
+            // A stable sort keeps arrival order among jobs with equal cached prefixes.
+            ordered.sort_by_key(|(cached, _)| std::cmp::Reverse(*cached));
+            self.waiting = ordered.into_iter().map(|(_, job)| job).collect();
+        }
         while let Some(job) = self.waiting.front() {
             let n = job.seeds.len();
             let need = n * (job.prompt.len() + job.max_tokens);
@@ -300,19 +325,11 @@ impl Engine {
     /// Copies the longest cached prefix of `prompt` (all but its last token at most, whose
     /// logits the step must compute) into the empty `slot`; returns its length.
     fn reuse_prefix(&mut self, prompt: &[u32], slot: SlotId) -> usize {
-        let limit = prompt.len().saturating_sub(1);
-        let best = self
-            .cached
-            .iter_mut()
-            .map(|c| {
-                let shared = common_prefix(&c.tokens, prompt).min(limit);
-                (shared, c)
-            })
-            .max_by_key(|(shared, _)| *shared);
-        let Some((shared, entry)) = best.filter(|(shared, _)| *shared > 0) else {
+        let Some((shared, index)) = self.cached_prefix(prompt) else {
             return 0;
         };
         self.clock += 1;
+        let entry = &mut self.cached[index];
         entry.last_used = self.clock;
         let from = entry.slot;
         match self.kv.copy_prefix(from, slot, shared) {
@@ -328,6 +345,19 @@ impl Engine {
                 0
             }
         }
+    }
+
+    /// The longest prefix of `prompt` a cached sequence holds (all but the prompt's last token
+    /// at most, whose logits a step must compute), and that entry's index; `None` when no
+    /// entry shares a token.
+    fn cached_prefix(&self, prompt: &[u32]) -> Option<(usize, usize)> {
+        let limit = prompt.len().saturating_sub(1);
+        self.cached
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (common_prefix(&c.tokens, prompt).min(limit), i))
+            .max_by_key(|(shared, _)| *shared)
+            .filter(|(shared, _)| *shared > 0)
     }
 
     /// One forward pass: every running sample's next token, then prompt chunks.
