@@ -26,7 +26,7 @@ mode="${1:-}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 say() { echo "gpu-check.sh: $*" >&2; }
 # The model's first part: what fits one call beside the working tree.
-first_part_bytes=$((56 * 1024 * 1024))
+first_part_bytes=$((60 * 1024 * 1024))
 
 case "$mode" in
 pack)

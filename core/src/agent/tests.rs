@@ -367,6 +367,78 @@ async fn token_budget_ends_a_rambling_episode() {
 }
 
 #[tokio::test]
+async fn the_tool_choice_reward_pays_for_calling_every_tool_the_question_needs() {
+    // A clerk who searches the catalog, then asks the inventory, then answers; and one who
+    // answers after the catalog alone.
+    let thorough = |ctx: &str| {
+        if observations(ctx) == 0 {
+            "<search>aurora tote</search>".to_string()
+        } else if observations(ctx) == 1 {
+            r#"<tool name="inventory">{"sku": "SKU-1"}</tool>"#.to_string()
+        } else {
+            "<answer>yes</answer>".to_string()
+        }
+    };
+    let hasty = |ctx: &str| {
+        if observations(ctx) == 0 {
+            "<search>aurora tote</search>".to_string()
+        } else {
+            "<answer>yes</answer>".to_string()
+        }
+    };
+    let needs = |tools: &[&str]| EpisodeRequest {
+        question: "Is the Aurora Tote in stock in Lyon?".into(),
+        task: Some(TaskInfo {
+            task_id: "q1".into(),
+            gold_answers: vec!["yes".into()],
+            split: Split::Train,
+            kind: "inventory".into(),
+            tools: tools.iter().map(|t| t.to_string()).collect(),
+        }),
+        ..Default::default()
+    };
+    let tool_choice = |t: &Trajectory| {
+        t.rewards
+            .iter()
+            .find(|r| r.source == crate::reward::source::TOOL_CHOICE)
+            .map(|r| (r.value, r.weight))
+    };
+    let mut config = unscaffolded();
+    config.rewards.tool_choice = 0.1;
+    let (agent_thorough, _) = agent(ScriptedPolicy::new(thorough), config.clone());
+    let (agent_hasty, _) = agent(ScriptedPolicy::new(hasty), config.clone());
+
+    let t = agent_thorough.run(needs(&["inventory"])).await.unwrap();
+    assert_eq!(tool_choice(&t), Some((1.0, 0.1)));
+    let t = agent_hasty.run(needs(&["inventory"])).await.unwrap();
+    assert_eq!(t.answer.as_deref(), Some("yes"));
+    assert_eq!(
+        tool_choice(&t),
+        Some((0.0, 0.1)),
+        "right answer, wrong tools"
+    );
+    // Every listed tool must be called, not just one of them.
+    let t = agent_hasty
+        .run(needs(&["catalog", "inventory"]))
+        .await
+        .unwrap();
+    assert_eq!(tool_choice(&t), Some((0.0, 0.1)));
+    let t = agent_thorough
+        .run(needs(&["catalog", "inventory"]))
+        .await
+        .unwrap();
+    assert_eq!(tool_choice(&t), Some((1.0, 0.1)));
+    // Kept small beside the answer's rewards, so calling tools cannot outweigh a right answer.
+    assert!(config.rewards.tool_choice < config.rewards.exact_match);
+    // No entry when the question names no tools, or the weight is off.
+    let t = agent_thorough.run(needs(&[])).await.unwrap();
+    assert_eq!(tool_choice(&t), None);
+    let (agent_off, _) = agent(ScriptedPolicy::new(thorough), unscaffolded());
+    let t = agent_off.run(needs(&["inventory"])).await.unwrap();
+    assert_eq!(tool_choice(&t), None);
+}
+
+#[tokio::test]
 async fn a_question_over_the_limit_is_refused_before_the_model_runs() {
     let mut config = unscaffolded();
     config.protocol.max_question_chars = 10;

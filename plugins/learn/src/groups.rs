@@ -295,6 +295,163 @@ mod tests {
         }
     }
 
+    /// A catalog tool that finds nothing; the scripted answers below never need it.
+    struct NoCatalog;
+
+    impl searchloop_core::Tool for NoCatalog {
+        type Args = serde_json::Value;
+        fn name(&self) -> &str {
+            "catalog"
+        }
+        fn description(&self) -> &str {
+            "Finds products."
+        }
+        fn parameters(&self) -> serde_json::Value {
+            serde_json::json!({"type": "object"})
+        }
+        async fn call(
+            &self,
+            _args: serde_json::Value,
+        ) -> std::result::Result<String, searchloop_core::ToolError> {
+            Ok("nothing found".into())
+        }
+    }
+
+    /// An agent whose scripted model answers "steady" questions right every time and
+    /// "varied" ones right on every other call, so only varied groups have reward spread.
+    fn scripted_agent(serving_temperature: f32) -> Agent {
+        use std::sync::{Arc, atomic::AtomicUsize};
+
+        let calls = AtomicUsize::new(0);
+        let policy = searchloop_core::scripted::ScriptedPolicy::new(move |context: &str| {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            if context.contains("varied") && n % 2 == 1 {
+                "<answer>wrong</answer>".into()
+            } else {
+                "<answer>right</answer>".into()
+            }
+        });
+        let mut registry = searchloop_core::ToolRegistry::new();
+        registry.register(Arc::new(NoCatalog)).unwrap();
+        let mut config = AgentConfig::default();
+        config.protocol.first_turn_prefill = None;
+        config.protocol.after_observation_prefill = None;
+        config.protocol.max_turn_tokens = 100;
+        config.protocol.max_episode_tokens = 1_000;
+        config.sampling.temperature = serving_temperature;
+        let slot = Arc::new(searchloop_core::PolicySlot::new(Arc::new(policy)));
+        Agent::new(slot, Arc::new(registry), config).unwrap()
+    }
+
+    fn question(id: &str, text: &str) -> Question {
+        Question {
+            id: id.into(),
+            question: text.into(),
+            answers: vec!["right".into()],
+            kind: String::new(),
+            tools: Vec::new(),
+        }
+    }
+
+    /// Samples the replay groups of one round over `prompts` and returns what they did, with
+    /// the batch they filled.
+    async fn sample(
+        agent: &Agent,
+        prompts: &[Question],
+        config: &RoundConfig,
+    ) -> (ReplayStats, BatchBuilder) {
+        let mut batch = BatchBuilder::default();
+        let limits = SequenceLimits {
+            vocab_size: 256,
+            max_tokens: 100_000,
+        };
+        let stats = replay_groups(
+            agent,
+            prompts,
+            config,
+            0,
+            &RewardPolicy::default(),
+            limits,
+            &mut batch,
+            &AtomicBool::new(false),
+            &|_, _| {},
+        )
+        .await
+        .unwrap();
+        (stats, batch)
+    }
+
+    #[tokio::test]
+    async fn dynamic_sampling_replaces_groups_without_spread_from_further_prompts() {
+        let agent = replay_agent(&scripted_agent(0.3), &RoundConfig::default()).unwrap();
+        let prompts = [
+            question("s1", "a steady question"),
+            question("s2", "another steady question"),
+            question("v1", "a varied question"),
+            question("v2", "another varied question"),
+            question("v3", "a third varied question"),
+        ];
+        let mut config = RoundConfig {
+            prompts_per_round: 2,
+            group_size: 4,
+            dynamic_sampling: false,
+            ..RoundConfig::default()
+        };
+        // Without it, the first two prompts make the round, spread or not.
+        let (stats, batch) = sample(&agent, &prompts, &config).await;
+        assert_eq!((stats.prompts, stats.informative_groups), (2, 2));
+        assert_eq!((stats.episodes, batch.len()), (8, 8));
+
+        // With it, the two steady groups do not count, and a second wave samples the next
+        // two prompts, which have spread; the fifth prompt is never needed.
+        config.dynamic_sampling = true;
+        let (stats, batch) = sample(&agent, &prompts, &config).await;
+        assert_eq!(stats.prompts, 4, "{stats:?}");
+        assert_eq!(stats.informative_groups, 2, "{stats:?}");
+        assert_eq!((stats.episodes, batch.len()), (16, 16));
+
+        // Prompts that run out end the round with what it has.
+        let steady_only = &prompts[..2];
+        let (stats, _) = sample(&agent, steady_only, &config).await;
+        assert_eq!((stats.prompts, stats.informative_groups), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn replay_episodes_sample_at_the_rollout_temperature_not_the_serving_one() {
+        let serving = scripted_agent(0.3);
+        let config = RoundConfig {
+            rollout_temperature: Some(1.0),
+            prompts_per_round: 1,
+            group_size: 2,
+            ..RoundConfig::default()
+        };
+        let agent = replay_agent(&serving, &config).unwrap();
+        assert_eq!(agent.config().sampling.temperature, 1.0);
+        assert_eq!(agent.config().sampling.top_p, 1.0);
+        // The serving agent is left as it was.
+        assert_eq!(serving.config().sampling.temperature, 0.3);
+        let (_, batch) = sample(&agent, &[question("v1", "a varied question")], &config).await;
+        let (sequences, stats) = batch.finish();
+        assert_eq!(sequences.len(), 2);
+        // Each episode records the temperature it was sampled at, which the trainer scores at.
+        assert!(sequences.iter().all(|s| s.temperature == 1.0));
+        assert_eq!(stats.temperature_mean, 1.0);
+
+        // Without a rollout temperature the serving one is used; a greedy server has none to
+        // give, which is one clear error.
+        let unset = RoundConfig::default();
+        assert_eq!(
+            replay_agent(&serving, &unset)
+                .unwrap()
+                .config()
+                .sampling
+                .temperature,
+            0.3
+        );
+        let err = replay_agent(&scripted_agent(0.0), &unset).unwrap_err();
+        assert!(err.to_string().contains("rollout_temperature"), "{err}");
+    }
+
     #[test]
     fn feedback_episodes_group_by_group_then_prompt_then_kind() {
         let members: Vec<(Trajectory, f64)> = [
