@@ -85,6 +85,11 @@ pub struct LearnArgs {
     /// Weight of the reward for calling the tools a question needs (0: none).
     #[arg(long, default_value_t = 0.1)]
     pub tool_reward: f64,
+    /// The resident memory a run may reach, in MiB, before its round is stopped: the serving
+    /// engine's cached prefixes, the gate's two evaluation engines and the trainer live in one
+    /// process (a CPU round of 8 × 4 episodes reached 8 GiB).
+    #[arg(long, default_value_t = 16_384)]
+    pub memory_cap_mb: u64,
     /// CPU threads of the trainer (0: all cores).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -273,6 +278,7 @@ fn run_config(
     round.trainer.seed = seed;
     round.device = Some(config.trainer_device());
     arm_settings(arm)?(round);
+    learn.memory_cap_mb = args.memory_cap_mb;
     // Rounds start when this command says, never on the scheduler's own triggers.
     learn.trigger.new_rewarded = None;
     learn.trigger.interval_minutes = Some(f64::MAX);

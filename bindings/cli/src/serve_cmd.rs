@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// triggers, and candidates that pass the eval gate are promoted while serving goes on.
     #[arg(long)]
     pub learn: bool,
+    /// Without --learn: check the adapter registry every this many seconds, and serve what
+    /// another process (the fleet's trainer) promoted or rolled back (0: never).
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    pub follow: f64,
 }
 
 impl ServeArgs {
@@ -63,6 +67,7 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
 /// Runs the server until Ctrl-C or SIGTERM.
 pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
     let server_config = args.server_config()?;
+    let follow = seconds("--follow", args.follow)?;
     let learn = match (args.learn, &config.learn) {
         (false, _) => None,
         (true, Some(learn)) => Some(learn.clone()),
@@ -79,6 +84,8 @@ pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(learn) = learn {
         runtime.attach_scheduler(learn).await?;
         eprintln!("training scheduler attached");
+    } else if !follow.is_zero() {
+        runtime.learning().follow_registry(follow);
     }
     println!("searchloop serving on http://{addr}");
     let state = AppState::from_runtime(runtime.clone());

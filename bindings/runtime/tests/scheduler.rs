@@ -280,3 +280,141 @@ async fn the_isdd_alarm_rejects_a_candidate_without_evaluating_it() {
     assert_eq!(record.status_reason.as_deref(), Some(reason.as_str()));
     assert_eq!(runtime.agent().policy().current().adapter_version(), None);
 }
+
+/// A fleet's store on PostgreSQL (a schema of its own in `SEARCHLOOP_PG_URL`'s database): one
+/// process trains at a time; a second one is refused while the first holds the trainer lease,
+/// and takes over once the first gives it up or dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_trains_per_postgres_store_and_another_takes_over() {
+    use sqlx::Connection;
+
+    let base = std::env::var("SEARCHLOOP_PG_URL")
+        .expect("SEARCHLOOP_PG_URL is not set: start PostgreSQL with scripts/postgres.sh");
+    let schema = format!(
+        "fleet_test_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    );
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut ws = Workspace::new(60);
+    ws.config.store.url = format!("{base}{sep}options[search_path]={schema}");
+    ws.config.learn = Some(ws.learn_config(2));
+    let start = || async {
+        let (runtime, _) = scripted(&ws).await;
+        runtime.set_round_runner(Arc::new(CraftedRound::new(Craft::Stub)));
+        runtime
+    };
+    let (first, second) = (start().await, start().await);
+
+    first.train_now().await.unwrap();
+    let refused = second.train_now().await;
+    assert!(
+        matches!(
+            refused,
+            Err(RuntimeError::Loop(LoopError::TrainerElsewhere))
+        ),
+        "{refused:?}"
+    );
+    // The trainer keeps its lease from round to round.
+    first.train_now().await.unwrap();
+
+    // A trainer that stops gives the lease up, and the other one trains at once.
+    first.learning().release_trainer_lease().await.unwrap();
+    second.train_now().await.unwrap();
+    assert!(matches!(
+        first.train_now().await,
+        Err(RuntimeError::Loop(LoopError::TrainerElsewhere))
+    ));
+
+    // A trainer that dies without a word: its database session ends with it, and the database
+    // releases the lease (dropping the process's runtime closes the session, as a kill does).
+    drop(second);
+    let started = Instant::now();
+    loop {
+        match first.train_now().await {
+            Ok(_) => break,
+            Err(RuntimeError::Loop(LoopError::TrainerElsewhere)) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the dead trainer's lease was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(first.store().list_adapters().await.unwrap().len(), 4);
+    first.store().close().await;
+    drop(first);
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+/// A serving replica follows the registry: what the fleet's trainer promotes (in another
+/// process, on the same PostgreSQL store) is served by the replica within a few polls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_serves_what_the_trainer_promotes() {
+    use sqlx::Connection;
+
+    let base = std::env::var("SEARCHLOOP_PG_URL")
+        .expect("SEARCHLOOP_PG_URL is not set: start PostgreSQL with scripts/postgres.sh");
+    let schema = format!(
+        "replica_test_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000
+    );
+    let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
+    sqlx::raw_sql(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let mut ws = Workspace::new(60);
+    ws.config.store.url = format!("{base}{sep}options[search_path]={schema}");
+    ws.config.learn = Some(ws.learn_config(2));
+    let (trainer, _) = scripted(&ws).await;
+    trainer.set_round_runner(Arc::new(CraftedRound::new(Craft::Stub)));
+    let (replica, _) = scripted(&ws).await;
+    replica
+        .learning()
+        .follow_registry(Duration::from_millis(100));
+    assert_eq!(replica.loop_metrics().serving_version, None);
+
+    let report = trainer.train_now().await.unwrap();
+    assert!(matches!(report.verdict, GateVerdict::Promote), "{report:?}");
+    let promoted = Some(report.candidate);
+    wait_for(&replica, Duration::from_secs(10), |m| {
+        m.serving_version == promoted
+    })
+    .await;
+    // New episodes on the replica are served, and recorded, by the promoted adapter.
+    let t = replica.ask(&ws.questions[0].question).await.unwrap();
+    assert_eq!(t.adapter_version, promoted);
+
+    // A rollback on the trainer reaches the replica too.
+    trainer.rollback(None).await.unwrap();
+    wait_for(&replica, Duration::from_secs(10), |m| {
+        m.serving_version.is_none()
+    })
+    .await;
+    drop((trainer, replica));
+    sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

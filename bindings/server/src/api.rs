@@ -269,6 +269,9 @@ impl ApiError {
                 Self::new(StatusCode::CONFLICT, "adapter_refused", error.to_string())
             }
             RuntimeError::Loop(LoopError::RoundBusy) => Self::round_busy(),
+            RuntimeError::Loop(LoopError::TrainerElsewhere) => {
+                Self::new(StatusCode::CONFLICT, "trainer_elsewhere", error.to_string())
+            }
             RuntimeError::Config(_) | RuntimeError::Loop(LoopError::Config(_)) => {
                 Self::learning_unavailable(error.to_string())
             }

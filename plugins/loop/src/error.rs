@@ -37,6 +37,12 @@ pub enum LoopError {
     /// A training round is already running; rounds run one at a time.
     #[error("a training round is already running")]
     RoundBusy,
+    /// Another process holds the store's trainer lease: one process trains per store.
+    #[error(
+        "another process holds this store's trainer lease; one process trains from a store at \
+         a time, and this one takes over when that one stops"
+    )]
+    TrainerElsewhere,
     /// The training round was cancelled.
     #[error("the training round was cancelled")]
     RoundCancelled,

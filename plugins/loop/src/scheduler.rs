@@ -46,7 +46,7 @@ use std::{
 use async_trait::async_trait;
 use searchloop_core::{Agent, PolicySlot};
 use searchloop_learn as learn;
-use searchloop_store_sql::{AdapterRecord, Store};
+use searchloop_store_sql::{AdapterRecord, Store, TrainerLease};
 use searchloop_train_sapo::TrainReport;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -441,12 +441,17 @@ struct Shared {
     runner: Mutex<Arc<dyn RoundRunner>>,
     /// Held for a whole round: one round at a time.
     round: tokio::sync::Mutex<()>,
+    /// The store's trainer lease, once this process has taken it: one process trains at a
+    /// time. Kept for the process's life, so the trainer stays the trainer.
+    lease: tokio::sync::Mutex<Option<TrainerLease>>,
     /// The cancel flag of the running round.
     cancel: Mutex<Option<Arc<AtomicBool>>>,
     /// The base model's last evaluation and what it was measured on (adapters keep theirs in
     /// the registry).
     base_eval: Mutex<Option<(serde_json::Value, EvalReport)>>,
     scheduler: Mutex<Option<SchedulerTask>>,
+    /// The registry follower of a serving replica without a scheduler.
+    follower: Mutex<Option<SchedulerTask>>,
 }
 
 struct SchedulerTask {
@@ -478,9 +483,11 @@ impl LearningLoop {
                 config: Mutex::new(config),
                 runner: Mutex::new(Arc::new(LearnRunner)),
                 round: tokio::sync::Mutex::new(()),
+                lease: tokio::sync::Mutex::new(None),
                 cancel: Mutex::new(None),
                 base_eval: Mutex::new(None),
                 scheduler: Mutex::new(None),
+                follower: Mutex::new(None),
             }),
         }
     }
@@ -514,8 +521,29 @@ impl Shared {
     }
 
     /// Runs one round and its gate.
+    /// Makes sure this process holds the store's trainer lease: keeps one it holds while its
+    /// session lives, else takes it, else fails with [`LoopError::TrainerElsewhere`].
+    async fn hold_trainer_lease(&self) -> Result<()> {
+        let mut lease = self.lease.lock().await;
+        if let Some(held) = lease.as_mut() {
+            if held.is_held().await {
+                return Ok(());
+            }
+            tracing::warn!("the trainer lease's database session ended; taking the lease again");
+            *lease = None;
+        }
+        match self.adapters.store().try_trainer_lease().await? {
+            Some(taken) => {
+                *lease = Some(taken);
+                Ok(())
+            }
+            None => Err(LoopError::TrainerElsewhere),
+        }
+    }
+
     async fn train(&self, trigger: RoundTrigger) -> Result<RoundReport> {
         let _round = self.round.try_lock().map_err(|_| LoopError::RoundBusy)?;
+        self.hold_trainer_lease().await?;
         let config = lock(&self.config).clone().ok_or_else(|| {
             LoopError::Config(
                 "training needs a [learn] section in the config, or a scheduler attached".into(),
@@ -883,6 +911,10 @@ async fn scheduler_loop(
                 "training round finished"
             ),
             Err(LoopError::RoundBusy) => continue,
+            Err(LoopError::TrainerElsewhere) => {
+                tracing::debug!("another process holds the trainer lease; staying idle");
+                continue;
+            }
             Err(e) => tracing::warn!(error = %e, "training round failed"),
         }
         if *stop.borrow() {
@@ -916,7 +948,11 @@ impl LearningLoop {
                 e,
             )
         })?;
-        if let Ok(_round) = self.shared.round.try_lock() {
+        // Staged rows without a live round are a dead round's, unless another process is the
+        // trainer: then they may be its round in progress, and are left to it.
+        if let Ok(_round) = self.shared.round.try_lock()
+            && self.shared.hold_trainer_lease().await.is_ok()
+        {
             learn::discard_stale_rounds(self.shared.adapters.store(), &config.adapters_dir).await?;
         }
         let baseline = rewarded_count(self.shared.adapters.store()).await?;
@@ -949,6 +985,43 @@ impl LearningLoop {
     /// Whether rounds can run: the config has a `[learn]` section, or a scheduler is attached.
     pub fn configured(&self) -> bool {
         lock(&self.shared.config).is_some()
+    }
+
+    /// Follows the adapter registry every `every` in the background: a promotion or rollback
+    /// another process committed (a fleet's trainer) is loaded here, then swapped in, as
+    /// [`AdapterManager::sync`] does. A serving replica without a scheduler calls this; an
+    /// attached scheduler follows the registry itself. Calling it again replaces the follower;
+    /// it stops when this loop is dropped.
+    pub fn follow_registry(&self, every: Duration) {
+        let adapters = self.shared.adapters.clone();
+        let (stop, mut stopped) = watch::channel(false);
+        let handle = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    // A stop, or the sender dropped with this loop.
+                    _ = stopped.changed() => return,
+                }
+                if let Err(e) = adapters.sync().await {
+                    tracing::warn!(error = %e, "cannot follow the adapter registry");
+                }
+            }
+        });
+        if let Some(old) = lock(&self.shared.follower).replace(SchedulerTask { stop, handle }) {
+            let _ = old.stop.send(true);
+            old.handle.abort();
+        }
+    }
+
+    /// Gives up the store's trainer lease, if this process holds it, so another process can
+    /// take over training at once (a trainer that dies gives it up when its database session
+    /// ends). A later round takes it again if it is free.
+    pub async fn release_trainer_lease(&self) -> Result<()> {
+        let held = self.shared.lease.lock().await.take();
+        if let Some(lease) = held {
+            lease.release().await?;
+        }
+        Ok(())
     }
 
     /// Whether a scheduler is attached.

@@ -110,6 +110,7 @@ mod backend;
 mod codec;
 mod error;
 mod export;
+mod lease;
 mod open_files;
 mod query;
 mod schema;
@@ -121,6 +122,7 @@ pub use adapters::{
 };
 pub use error::{Result, StoreError};
 pub use export::{ExportRecord, ExportReward, ExportTask};
+pub use lease::TrainerLease;
 pub use query::{
     Cursor, GroupMember, GroupQuery, GroupStream, HeldoutItem, Page, PageToken, Paged, SourceCount,
     SplitCount, StoreStats, TrajectoryFilter, TrajectoryGroup, TrajectorySummary, VersionCount,

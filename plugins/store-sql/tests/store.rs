@@ -639,3 +639,70 @@ on_both_backends! {
         reopened.close().await;
     }
 }
+
+/// One trainer lease per PostgreSQL schema: a second store's attempt fails while the first
+/// holds it, another schema has its own, and a holder that goes away (its session closed, as
+/// when its process dies) leaves the lease to the next taker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trainer_lease_per_postgres_schema() {
+    let db = common::TestDb::new(common::Kind::Postgres).await;
+    let (first, second) = (db.open().await, db.open().await);
+    let mut held = first
+        .try_trainer_lease()
+        .await
+        .unwrap()
+        .expect("a free lease");
+    assert!(held.is_held().await);
+    assert!(second.try_trainer_lease().await.unwrap().is_none());
+    assert!(
+        first.try_trainer_lease().await.unwrap().is_none(),
+        "not twice"
+    );
+
+    let other_db = common::TestDb::new(common::Kind::Postgres).await;
+    let other = other_db.open().await;
+    let other_lease = other.try_trainer_lease().await.unwrap();
+    assert!(
+        other_lease.is_some(),
+        "another schema contends with this one"
+    );
+
+    // Dropped without a word: the session's end releases the lock on the server.
+    drop(held);
+    let started = std::time::Instant::now();
+    let taken = loop {
+        if let Some(lease) = second.try_trainer_lease().await.unwrap() {
+            break lease;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "the dropped lease was never released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(first.try_trainer_lease().await.unwrap().is_none());
+    // Released on purpose: free at once.
+    taken.release().await.unwrap();
+    let again = first.try_trainer_lease().await.unwrap();
+    assert!(again.is_some());
+
+    drop((again, other_lease));
+    for store in [first, second, other] {
+        store.close().await;
+    }
+    db.cleanup().await;
+    other_db.cleanup().await;
+}
+
+/// A SQLite store belongs to one process: its lease is always granted.
+#[tokio::test]
+async fn a_sqlite_store_always_grants_the_trainer_lease() {
+    let db = common::TestDb::new(common::Kind::Sqlite).await;
+    let store = db.open().await;
+    let mut first = store.try_trainer_lease().await.unwrap().unwrap();
+    assert!(first.is_held().await);
+    assert!(store.try_trainer_lease().await.unwrap().is_some());
+    first.release().await.unwrap();
+    store.close().await;
+    db.cleanup().await;
+}
