@@ -390,14 +390,29 @@ async fn a_replica_serves_what_the_trainer_promotes() {
     let (trainer, _) = scripted(&ws).await;
     trainer.set_round_runner(Arc::new(CraftedRound::new(Craft::Stub)));
     let (replica, _) = scripted(&ws).await;
-    replica
-        .learning()
-        .follow_registry(Duration::from_millis(100));
     assert_eq!(replica.loop_metrics().serving_version, None);
 
     let report = trainer.train_now().await.unwrap();
     assert!(matches!(report.verdict, GateVerdict::Promote), "{report:?}");
     let promoted = Some(report.candidate);
+
+    // A replica that cannot load the promoted adapter keeps serving its own and says why.
+    let record = trainer.store().promoted().await.unwrap().unwrap();
+    let merged = std::path::Path::new(&record.path).join(searchloop_loop::adapters::MERGED_FILE);
+    let away = merged.with_extension("away");
+    std::fs::rename(&merged, &away).unwrap();
+    assert!(replica.sync_adapters().await.is_err());
+    let metrics = replica.loop_metrics();
+    assert_eq!(metrics.serving_version, None);
+    assert_eq!(metrics.registry_sync_failures, 1);
+    let reason = metrics.registry_sync_error.unwrap();
+    assert!(reason.contains("missing"), "{reason}");
+    replica.ask(&ws.questions[0].question).await.unwrap();
+    std::fs::rename(&away, &merged).unwrap();
+
+    replica
+        .learning()
+        .follow_registry(Duration::from_millis(100));
     wait_for(&replica, Duration::from_secs(10), |m| {
         m.serving_version == promoted
     })
@@ -405,6 +420,7 @@ async fn a_replica_serves_what_the_trainer_promotes() {
     // New episodes on the replica are served, and recorded, by the promoted adapter.
     let t = replica.ask(&ws.questions[0].question).await.unwrap();
     assert_eq!(t.adapter_version, promoted);
+    assert_eq!(replica.loop_metrics().registry_sync_error, None);
 
     // A rollback on the trainer reaches the replica too.
     trainer.rollback(None).await.unwrap();

@@ -128,6 +128,10 @@ pub struct HealthResponse {
     pub adapter_version: Option<u64>,
     /// Requests being answered right now.
     pub in_flight: u64,
+    /// Why this process cannot serve the adapter the registry promoted (it keeps serving
+    /// `adapter_version` meanwhile); absent when it serves what the registry says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry_error: Option<String>,
 }
 
 /// Body of `GET /v1/adapters`: the registry, oldest first, and what this process serves.

@@ -408,6 +408,28 @@ pub fn render_loop(out: &mut String, m: &LoopMetrics) {
         "searchloop_adapter_last_swap_load_seconds {}",
         m.last_swap_load_ms as f64 / 1e3
     );
+    header(
+        out,
+        "searchloop_adapter_sync_failures_total",
+        "counter",
+        "Failed attempts to load the adapter the registry promoted (the process kept serving its own).",
+    );
+    let _ = writeln!(
+        out,
+        "searchloop_adapter_sync_failures_total {}",
+        m.registry_sync_failures
+    );
+    header(
+        out,
+        "searchloop_adapter_behind_registry",
+        "gauge",
+        "1 while this process serves another version than the registry promoted, after a failed load.",
+    );
+    let _ = writeln!(
+        out,
+        "searchloop_adapter_behind_registry {}",
+        u8::from(m.registry_sync_error.is_some())
+    );
     if let Some(loss) = &m.last_round_loss {
         render_round_loss(out, loss);
     }
@@ -628,6 +650,16 @@ mod tests {
         let mut out = String::new();
         render_loop(&mut out, &LoopMetrics::default());
         assert!(!out.contains("searchloop_training_ratio_mean"), "{out}");
+        assert!(out.contains("\nsearchloop_adapter_behind_registry 0\n"), "{out}");
+        let mut out = String::new();
+        let behind = LoopMetrics {
+            registry_sync_failures: 2,
+            registry_sync_error: Some("adapter v3: its merged model is missing".into()),
+            ..LoopMetrics::default()
+        };
+        render_loop(&mut out, &behind);
+        assert!(out.contains("\nsearchloop_adapter_behind_registry 1\n"), "{out}");
+        assert!(out.contains("\nsearchloop_adapter_sync_failures_total 2\n"), "{out}");
 
         let loss = LossMetrics {
             ratio_mean: 1.25,

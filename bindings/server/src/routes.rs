@@ -272,6 +272,9 @@ async fn healthz(State(state): State<AppState>) -> Response {
         model_id: policy.model_id().to_string(),
         adapter_version: policy.adapter_version(),
         in_flight: state.metrics().in_flight(),
+        registry_error: state
+            .runtime()
+            .and_then(|runtime| runtime.loop_metrics().registry_sync_error),
     };
     (status, Json(body)).into_response()
 }

@@ -301,11 +301,21 @@ impl AdapterManager {
         let _change = self.change.lock().await;
         let promoted = self.store.promoted().await?;
         if self.serves(promoted.as_ref().map(|r| r.version)) {
+            self.counters.clear_sync_failure();
             return Ok(None);
         }
         let started = Instant::now();
-        let policy = load_adapter(self.loader.as_ref(), promoted.as_ref()).await?;
+        // A replica that cannot load the registry's choice keeps serving what it has, and says
+        // so in its metrics until a later attempt succeeds.
+        let policy = match load_adapter(self.loader.as_ref(), promoted.as_ref()).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                self.counters.record_sync_failure(&e.to_string());
+                return Err(e);
+            }
+        };
         let load_ms = started.elapsed().as_millis() as u64;
+        self.counters.clear_sync_failure();
         Ok(Some(self.swap_in(policy, None, load_ms)))
     }
 

@@ -44,6 +44,11 @@ pub struct LoopMetrics {
     /// and masked fractions, the active fractions of the SAPO and LLDS terms), merged over its
     /// optimizer steps; `None` before the first round or when it took no step.
     pub last_round_loss: Option<LossMetrics>,
+    /// Times this process failed to load the adapter the registry says to serve.
+    pub registry_sync_failures: u64,
+    /// Why the last attempt to follow the registry failed, while this process still serves an
+    /// older version than the registry's; `None` when it serves what the registry says.
+    pub registry_sync_error: Option<String>,
 }
 
 /// The live counters behind [`LoopMetrics`].
@@ -63,6 +68,14 @@ pub(crate) struct LoopCounters {
     pub(crate) auto_rollbacks: AtomicU64,
     pub(crate) last_swap_load_ms: AtomicU64,
     pub(crate) last_round_loss: Mutex<Option<LossMetrics>>,
+    pub(crate) registry_sync_failures: AtomicU64,
+    pub(crate) registry_sync_error: Mutex<Option<String>>,
+}
+
+/// Locks one of the counters' mutexes. A poisoned lock only means a panic elsewhere while it
+/// was held; the values are plain data, so they are still sound to read and replace.
+fn relock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Adds one to a counter. Relaxed ordering: the counters are independent statistics, read
@@ -72,6 +85,17 @@ pub(crate) fn bump(counter: &AtomicU64) {
 }
 
 impl LoopCounters {
+    /// Counts a failed attempt to load the registry's adapter and keeps its reason.
+    pub(crate) fn record_sync_failure(&self, reason: &str) {
+        bump(&self.registry_sync_failures);
+        *relock(&self.registry_sync_error) = Some(reason.to_string());
+    }
+
+    /// Forgets the last sync failure: the process serves what the registry says.
+    pub(crate) fn clear_sync_failure(&self) {
+        *relock(&self.registry_sync_error) = None;
+    }
+
     /// Keeps the loss diagnostics of a finished round's steps, merged, for the snapshot.
     pub(crate) fn record_round_loss(&self, train: &TrainReport) {
         let merged = train.steps.split_first().map(|(first, rest)| {
@@ -81,12 +105,7 @@ impl LoopCounters {
             }
             merged
         });
-        // A poisoned lock only means a panic elsewhere while holding it; the value is plain
-        // data, so it is still sound to replace.
-        *self
-            .last_round_loss
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = merged;
+        *relock(&self.last_round_loss) = merged;
     }
 
     /// The counters now, with the version serving.
@@ -107,11 +126,9 @@ impl LoopCounters {
             rollbacks: get(&self.rollbacks),
             auto_rollbacks: get(&self.auto_rollbacks),
             last_swap_load_ms: get(&self.last_swap_load_ms),
-            last_round_loss: self
-                .last_round_loss
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .clone(),
+            last_round_loss: relock(&self.last_round_loss).clone(),
+            registry_sync_failures: get(&self.registry_sync_failures),
+            registry_sync_error: relock(&self.registry_sync_error).clone(),
         }
     }
 }
