@@ -428,6 +428,19 @@ async fn a_replica_serves_what_the_trainer_promotes() {
         m.serving_version.is_none()
     })
     .await;
+
+    // With a poll far away, the registry's notification alone brings the next promotion.
+    replica
+        .learning()
+        .follow_registry(Duration::from_secs(3600));
+    // The new follower listens once it has started.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = trainer.train_now().await.unwrap();
+    assert!(matches!(next.verdict, GateVerdict::Promote), "{next:?}");
+    wait_for(&replica, Duration::from_secs(5), |m| {
+        m.serving_version == Some(next.candidate)
+    })
+    .await;
     drop((trainer, replica));
     sqlx::raw_sql(&format!("DROP SCHEMA {schema} CASCADE"))
         .execute(&mut admin)

@@ -650,7 +650,10 @@ mod tests {
         let mut out = String::new();
         render_loop(&mut out, &LoopMetrics::default());
         assert!(!out.contains("searchloop_training_ratio_mean"), "{out}");
-        assert!(out.contains("\nsearchloop_adapter_behind_registry 0\n"), "{out}");
+        assert!(
+            out.contains("\nsearchloop_adapter_behind_registry 0\n"),
+            "{out}"
+        );
         let mut out = String::new();
         let behind = LoopMetrics {
             registry_sync_failures: 2,
@@ -658,8 +661,14 @@ mod tests {
             ..LoopMetrics::default()
         };
         render_loop(&mut out, &behind);
-        assert!(out.contains("\nsearchloop_adapter_behind_registry 1\n"), "{out}");
-        assert!(out.contains("\nsearchloop_adapter_sync_failures_total 2\n"), "{out}");
+        assert!(
+            out.contains("\nsearchloop_adapter_behind_registry 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("\nsearchloop_adapter_sync_failures_total 2\n"),
+            "{out}"
+        );
 
         let loss = LossMetrics {
             ratio_mean: 1.25,

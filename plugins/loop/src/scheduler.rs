@@ -46,7 +46,7 @@ use std::{
 use async_trait::async_trait;
 use searchloop_core::{Agent, PolicySlot};
 use searchloop_learn as learn;
-use searchloop_store_sql::{AdapterRecord, Store, TrainerLease};
+use searchloop_store_sql::{AdapterRecord, RegistryListener, Store, TrainerLease};
 use searchloop_train_sapo::TrainReport;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -860,6 +860,14 @@ async fn rewarded_count(store: &Store) -> Result<u64> {
     Ok(store.stats().await?.rewarded_trajectories)
 }
 
+/// Completes on the listener's next registry change; never without a listener.
+async fn registry_changed(listener: Option<&mut RegistryListener>) -> Result<()> {
+    match listener {
+        Some(listener) => Ok(listener.changed().await?),
+        None => std::future::pending().await,
+    }
+}
+
 /// The scheduler's loop; see the module docs.
 async fn scheduler_loop(
     shared: Arc<Shared>,
@@ -996,9 +1004,26 @@ impl LearningLoop {
         let adapters = self.shared.adapters.clone();
         let (stop, mut stopped) = watch::channel(false);
         let handle = tokio::spawn(async move {
+            // On PostgreSQL a change wakes the follower at once; the poll catches what a lost
+            // listener connection missed.
+            let mut listener = match adapters.store().registry_listener().await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for registry changes; polling only");
+                    None
+                }
+            };
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
+                    changed = registry_changed(listener.as_mut()) => {
+                        if let Err(e) = changed {
+                            // It reconnects on the next wait; until then, poll at the usual pace
+                            // rather than spin on a database that is down.
+                            tracing::warn!(error = %e, "the registry listener failed; it reconnects");
+                            tokio::time::sleep(every).await;
+                        }
+                    }
                     // A stop, or the sender dropped with this loop.
                     _ = stopped.changed() => return,
                 }

@@ -276,6 +276,18 @@ macro_rules! begin_registry {
     }};
 }
 
+/// Queues the registry-change notification in `$tx`, delivered when it commits.
+macro_rules! notify_registry {
+    ($tx:expr, $d:expr) => {
+        if let Some(notify) = $d.notify_registry {
+            sqlx::query(notify)
+                .execute(&mut *$tx)
+                .await
+                .ctx("notify the adapter registry's listeners")?;
+        }
+    };
+}
+
 impl RawAdapter {
     fn decode(self) -> Result<AdapterRecord> {
         let id = format!("adapter {}", self.version);
@@ -730,6 +742,7 @@ impl Store {
             .await
             .ctx("record a promotion")?;
             let promoted = fetch_adapter!(tx, v);
+            notify_registry!(tx, d);
             tx.commit().await.ctx("commit a promotion")?;
             promoted.ok_or(StoreError::UnknownAdapter(version))
         })
@@ -832,6 +845,7 @@ impl Store {
                 Some(v) => fetch_adapter!(tx, v),
                 None => None,
             };
+            notify_registry!(tx, d);
             tx.commit().await.ctx("commit a rollback")?;
             Ok(promoted)
         })

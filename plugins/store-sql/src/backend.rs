@@ -61,6 +61,9 @@ pub(crate) struct Dialect {
     /// Serialises adapter registry changes across processes (SQLite's `BEGIN IMMEDIATE` already
     /// does).
     pub(crate) lock_registry: Option<&'static str>,
+    /// Tells listening processes that the promoted adapter changed, when the transaction
+    /// commits (PostgreSQL's NOTIFY; SQLite has no other process to tell).
+    pub(crate) notify_registry: Option<&'static str>,
 }
 
 /// SQLite's dialect.
@@ -78,6 +81,7 @@ pub(crate) const SQLITE: Dialect = Dialect {
          WHERE name = 'group_changes'",
     ],
     lock_registry: None,
+    notify_registry: None,
 };
 
 /// PostgreSQL's dialect.
@@ -93,6 +97,7 @@ pub(crate) const POSTGRES: Dialect = Dialect {
     ],
     // An arbitrary constant naming "searchloop adapter registry".
     lock_registry: Some("SELECT pg_advisory_xact_lock(7362514118292)"),
+    notify_registry: Some("SELECT pg_notify('searchloop_registry', current_schema())"),
 };
 
 /// Runs `$body` with `$pool` bound to the pool for reads and `$d` to the [`Dialect`].

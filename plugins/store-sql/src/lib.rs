@@ -111,6 +111,7 @@ mod codec;
 mod error;
 mod export;
 mod lease;
+mod listen;
 mod open_files;
 mod query;
 mod schema;
@@ -123,6 +124,7 @@ pub use adapters::{
 pub use error::{Result, StoreError};
 pub use export::{ExportRecord, ExportReward, ExportTask};
 pub use lease::TrainerLease;
+pub use listen::RegistryListener;
 pub use query::{
     Cursor, GroupMember, GroupQuery, GroupStream, HeldoutItem, Page, PageToken, Paged, SourceCount,
     SplitCount, StoreStats, TrajectoryFilter, TrajectoryGroup, TrajectorySummary, VersionCount,
