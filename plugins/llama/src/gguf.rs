@@ -18,6 +18,7 @@ use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{LlamaError, Result};
 
@@ -468,6 +469,22 @@ fn bad_metadata(key: &str, reason: &str) -> LlamaError {
         key: key.to_string(),
         reason: reason.to_string(),
     }
+}
+
+/// The SHA-256 of a file's content as lowercase hex, read in 1 MiB blocks: the identity the
+/// servers record for a model file, and the check of a downloaded one.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 #[cfg(test)]

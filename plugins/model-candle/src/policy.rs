@@ -1,10 +1,6 @@
 //! [`CandlePolicy`]: a GGUF model served by this crate's engine, as the agent sees a model.
 
-use std::{
-    io::Read,
-    path::Path,
-    sync::{Arc, Mutex, atomic::Ordering, mpsc},
-};
+use std::sync::{Arc, Mutex, atomic::Ordering, mpsc};
 
 use async_trait::async_trait;
 use candle_core::quantized::gguf_file::Value;
@@ -14,7 +10,6 @@ use searchloop_core::{
 use searchloop_llama::{
     GgufFile, KvCache, ServingModel, chat::ChatTemplate, tokenizer::GgufTokenizer,
 };
-use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
@@ -91,7 +86,8 @@ impl CandlePolicy {
             path: path.clone(),
             source,
         };
-        let hash = content_hash(path)?;
+        let hash = searchloop_llama::gguf::file_sha256(path)
+            .map_err(|e| CandleError::io(format!("cannot hash the model {}", path.display()), e))?;
         let file = GgufFile::open(path).map_err(model_error)?;
         let metadata = file.metadata();
         let tokenizer =
@@ -343,26 +339,4 @@ fn llama_context_length(
         .get(&format!("{architecture}.context_length"))
         .and_then(|v| v.to_u64().ok())
         .and_then(|n| usize::try_from(n).ok())
-}
-
-/// The SHA-256 of the file's content, as lowercase hex.
-fn content_hash(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| CandleError::io(format!("cannot open the model {}", path.display()), e))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file
-            .read(&mut buffer)
-            .map_err(|e| CandleError::io(format!("cannot read {}", path.display()), e))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect())
 }

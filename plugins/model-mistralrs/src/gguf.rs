@@ -12,7 +12,6 @@ use candle_core::{
     Device,
     quantized::{GgmlDType, QTensor, gguf_file},
 };
-use sha2::{Digest, Sha256};
 
 use crate::{
     config::WeightsEncoding,
@@ -72,24 +71,8 @@ pub(crate) fn checked_model_path(path: &Path) -> Result<PathBuf> {
 
 /// The SHA-256 of the file's content, as lowercase hex.
 pub(crate) fn sha256_hex(path: &Path) -> Result<String> {
-    let mut file = File::open(path)
-        .map_err(|e| ModelError::io(format!("opening {} to hash it", path.display()), e))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let read = file
-            .read(&mut buffer)
-            .map_err(|e| ModelError::io(format!("hashing {}", path.display()), e))?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect())
+    searchloop_llama::gguf::file_sha256(path)
+        .map_err(|e| ModelError::io(format!("hashing {}", path.display()), e))
 }
 
 /// The first hex digits of a content hash, enough to tell model files apart.
