@@ -124,6 +124,7 @@ pub struct Agent {
     tools: Arc<ToolRegistry>,
     config: AgentConfig,
     sink: Option<Arc<dyn TrajectorySink>>,
+    replica_id: Option<String>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -152,6 +153,7 @@ impl Agent {
             tools,
             config,
             sink: None,
+            replica_id: None,
         })
     }
 
@@ -159,6 +161,17 @@ impl Agent {
     pub fn with_sink(mut self, sink: Arc<dyn TrajectorySink>) -> Self {
         self.sink = Some(sink);
         self
+    }
+
+    /// Stamps every trajectory with `replica_id`, the serving replica's name in a fleet.
+    pub fn with_replica_id(mut self, replica_id: impl Into<String>) -> Self {
+        self.replica_id = Some(replica_id.into());
+        self
+    }
+
+    /// The replica name trajectories are stamped with, if any.
+    pub fn replica_id(&self) -> Option<&str> {
+        self.replica_id.as_deref()
     }
 
     /// The policy slot (for swaps).
@@ -176,7 +189,7 @@ impl Agent {
         &self.config
     }
 
-    /// An agent sharing this one's policy slot, tools and sink but running episodes with
+    /// An agent sharing this one's policy slot, tools, sink and replica id but running episodes with
     /// `config`: how a front end applies one request's sampling overrides without touching the
     /// agent other requests use. Fails on an invalid config.
     pub fn reconfigured(&self, config: AgentConfig) -> Result<Self> {
@@ -186,6 +199,7 @@ impl Agent {
             tools: Arc::clone(&self.tools),
             config,
             sink: self.sink.clone(),
+            replica_id: self.replica_id.clone(),
         })
     }
 
@@ -378,6 +392,7 @@ impl Agent {
             turns,
             model_id: policy.model_id().to_string(),
             adapter_version: policy.adapter_version(),
+            replica_id: self.replica_id.clone(),
             sampling: self.config.sampling.clone(),
             group_id: request.group_id,
             timing,

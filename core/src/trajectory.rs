@@ -176,6 +176,10 @@ pub struct Trajectory {
     pub model_id: String,
     /// The adapter version that served the episode (`None` = base model).
     pub adapter_version: Option<u64>,
+    /// The serving replica that ran the episode, when the host names one (a fleet of servers
+    /// on one store tells its replicas apart by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
     /// The sampling parameters of the model turns.
     pub sampling: SamplingParams,
     /// Episodes sampled together for one prompt share a group id.
@@ -358,6 +362,7 @@ mod tests {
             turns: 2,
             model_id: "m".into(),
             adapter_version: None,
+            replica_id: None,
             sampling: SamplingParams::default(),
             group_id: None,
             timing: Timing::default(),

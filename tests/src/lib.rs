@@ -1,5 +1,8 @@
 //! Shared helpers for the end-to-end tests: locating and running the `searchloop` binary that
-//! the same `cargo test` invocation built.
+//! the same `cargo test` invocation built, and a PostgreSQL schema of a test's own.
+
+// Only tests call these helpers, and a failed setup is clearest as a panic with its error there.
+#![allow(clippy::expect_used)]
 
 use std::{
     path::{Path, PathBuf},
@@ -57,4 +60,49 @@ pub fn stdout_of(output: &Output) -> String {
 /// Standard error as text.
 pub fn stderr_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A PostgreSQL schema of one test's own in `SEARCHLOOP_PG_URL`'s database (started by
+/// `scripts/postgres.sh`), so the tests of a fleet's store run beside every other test.
+pub struct PgSchema {
+    admin: sqlx::PgConnection,
+    name: String,
+    /// The store URL that selects it.
+    pub url: String,
+}
+
+impl PgSchema {
+    /// Creates a fresh schema named after `prefix`, this process and a counter.
+    pub async fn create(prefix: &str) -> Self {
+        use sqlx::Connection;
+
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let base = std::env::var("SEARCHLOOP_PG_URL")
+            .expect("SEARCHLOOP_PG_URL is not set: start PostgreSQL with scripts/postgres.sh");
+        let name = format!(
+            "{prefix}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut admin = sqlx::PgConnection::connect(&base)
+            .await
+            .expect("cannot connect to SEARCHLOOP_PG_URL");
+        sqlx::raw_sql(&format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("cannot create a schema");
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options[search_path]={name}");
+        Self { admin, name, url }
+    }
+
+    /// Drops the schema and everything in it.
+    pub async fn drop(mut self) {
+        sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", self.name))
+            .execute(&mut self.admin)
+            .await
+            .expect("cannot drop a schema");
+    }
 }

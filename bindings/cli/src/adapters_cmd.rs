@@ -6,12 +6,15 @@
 //! within a poll. Before writing, promote and rollback load the target model, so a model that
 //! does not load is never made the one to serve.
 
-use std::sync::Arc;
+use std::{path::Path, sync::Arc};
 
 use anyhow::Context;
 use clap::Subcommand;
 use searchloop_loop::adapters::merged_model_path;
-use searchloop_runtime::{AdapterManager, AppConfig, ModelLoader, service::open_store};
+use searchloop_runtime::{
+    AdapterManager, AppConfig, ModelLoader,
+    service::{adapter_locator, open_store},
+};
 use searchloop_store_sql::AdapterRecord;
 
 /// `searchloop adapters …`.
@@ -51,7 +54,7 @@ pub async fn run(config: &AppConfig, command: AdaptersCommand) -> anyhow::Result
             .with_context(|| format!("cannot open the store {}", config.store.url))?,
     );
     let manager = AdapterManager::registry_only(
-        store.clone(),
+        adapter_locator(config, store.clone()),
         Arc::new(ModelLoader::new(config.model.clone())),
     );
     let result = execute(&manager, command).await;
@@ -76,7 +79,10 @@ async fn execute(manager: &AdapterManager, command: AdaptersCommand) -> anyhow::
             if let Some(map) = json.as_object_mut() {
                 map.insert(
                     "merged_model".into(),
-                    merged_model_path(&record).display().to_string().into(),
+                    merged_model_path(Path::new(&record.path))
+                        .display()
+                        .to_string()
+                        .into(),
                 );
             }
             println!("{}", serde_json::to_string_pretty(&json)?);

@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// another process (the fleet's trainer) promoted or rolled back (0: never).
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     pub follow: f64,
+    /// This replica's name in a fleet, recorded with every trajectory it serves and reported
+    /// by /healthz and /metrics; default: the config's `replica_id`, else `HOSTNAME:PORT`.
+    #[arg(long, value_name = "ID", env = "SEARCHLOOP_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 impl ServeArgs {
@@ -65,7 +69,7 @@ fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
 }
 
 /// Runs the server until Ctrl-C or SIGTERM.
-pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
+pub async fn run(mut config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
     let server_config = args.server_config()?;
     let follow = seconds("--follow", args.follow)?;
     let learn = match (args.learn, &config.learn) {
@@ -79,6 +83,17 @@ pub async fn run(config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
     let addr = listener
         .local_addr()
         .context("cannot read the listening address")?;
+    if let Some(replica) = args.replica_id {
+        config.replica_id = Some(replica);
+    }
+    if config.replica_id.is_none() {
+        let host = whoami::fallible::hostname().context(
+            "cannot read this machine's host name for the default replica id; name the replica \
+             with --replica-id",
+        )?;
+        config.replica_id = Some(format!("{host}:{}", addr.port()));
+    }
+    config.validate()?;
     eprintln!("loading the model…");
     let runtime = Arc::new(Runtime::start(config).await?);
     if let Some(learn) = learn {

@@ -39,7 +39,13 @@ pub struct AppConfig {
     /// The learning loop (training rounds, the eval gate, the scheduler, the live monitor);
     /// absent means this process does not train.
     pub learn: Option<SchedulerConfig>,
+    /// This process's name in a fleet of replicas on one store, recorded with every
+    /// trajectory it serves and reported by its `/healthz` and `/metrics`.
+    pub replica_id: Option<String>,
 }
+
+/// Longest replica id.
+const MAX_REPLICA_ID_CHARS: usize = 128;
 
 /// Which engine serves the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -221,6 +227,9 @@ pub struct StoreSection {
     /// Per-source weights of the training reward (the latest value per source, weighted and
     /// summed); a source not named here uses the weight recorded with it.
     pub reward_weights: BTreeMap<String, f64>,
+    /// On PostgreSQL (a fleet's shared store): the folder where adapters this process did not
+    /// train are kept once fetched from the registry and merged into the local base model.
+    pub adapter_cache: PathBuf,
 }
 
 impl Default for StoreSection {
@@ -231,6 +240,7 @@ impl Default for StoreSection {
             feedback_max: 1.0,
             sqlite_sync: SqliteSync::Full,
             reward_weights: BTreeMap::new(),
+            adapter_cache: PathBuf::from("adapter-cache"),
         }
     }
 }
@@ -247,6 +257,23 @@ impl StoreSection {
             ..StoreOptions::default()
         }
     }
+}
+
+/// Checks a replica id: 1 to 128 characters, none of them a control character or space at
+/// either end, so that it reads the same in a trajectory, a log line and a metric label.
+pub fn check_replica_id(replica: &str) -> Result<()> {
+    let chars = replica.chars().count();
+    if chars == 0
+        || chars > MAX_REPLICA_ID_CHARS
+        || replica.chars().any(char::is_control)
+        || replica.trim() != replica
+    {
+        return Err(RuntimeError::Config(format!(
+            "replica_id {replica:?} must be 1 to {MAX_REPLICA_ID_CHARS} characters, without \
+             control characters or surrounding spaces"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses a GPU in a build that cannot use one: the error says how to get a build that can,
@@ -334,6 +361,7 @@ impl AppConfig {
         if let Some(learn) = self.learn.as_mut() {
             learn.resolve_paths(base);
         }
+        resolve(&mut self.store.adapter_cache);
         if !self.store.url.contains("://") {
             let mut p = PathBuf::from(&self.store.url);
             resolve(&mut p);
@@ -344,6 +372,9 @@ impl AppConfig {
     /// Checks everything that can be checked before loading anything.
     pub fn validate(&self) -> Result<()> {
         self.agent.validate()?;
+        if let Some(replica) = &self.replica_id {
+            check_replica_id(replica)?;
+        }
         if self.tools.is_empty() {
             return Err(RuntimeError::Config(
                 "at least one [[tools]] entry is needed".into(),
@@ -454,6 +485,7 @@ file = "../shared/help.toml"
 
 [store]
 url = "store/searchloop.db"
+adapter_cache = "cache/adapters"
 
 [learn]
 adapters_dir = "adapters"
@@ -495,6 +527,7 @@ prompts = "data/train.jsonl"
             PathBuf::from(&config.store.url),
             base.join("store/searchloop.db")
         );
+        assert_eq!(config.store.adapter_cache, base.join("cache/adapters"));
         let learn = config.learn.as_ref().unwrap();
         assert_eq!(learn.adapters_dir, base.join("adapters"));
         assert_eq!(learn.eval.set, base.join("data/questions.jsonl"));

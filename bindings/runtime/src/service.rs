@@ -11,8 +11,8 @@ use searchloop_core::{
     Agent, DynTool, EpisodeRequest, Policy, PolicySlot, ToolRegistry, Trajectory,
 };
 use searchloop_loop::{
-    AdapterManager, LearningLoop, LoopError, LoopMetrics, PolicyLoader, RoundReport,
-    SchedulerConfig, SwapReport, load_promoted, scheduler::RoundRunner,
+    AdapterLocator, AdapterManager, BaseModel, FleetCache, LearningLoop, LoopError, LoopMetrics,
+    PolicyLoader, RoundReport, SchedulerConfig, SwapReport, scheduler::RoundRunner,
 };
 use searchloop_model_candle::CandlePolicy;
 use searchloop_model_mistralrs::MistralRsPolicy;
@@ -21,7 +21,7 @@ use searchloop_search_sql::{InventoryConfig, InventoryTool};
 use searchloop_search_tantivy::{
     CatalogIndex, CatalogSearchTool, CatalogSource, CatalogToolConfig, IndexReport, Progress,
 };
-use searchloop_store_sql::{AdapterRecord, Store};
+use searchloop_store_sql::{AdapterRecord, BackendKind, Store};
 
 use crate::{
     config::{AppConfig, CatalogSection, Engine, ModelSection, ToolSection},
@@ -80,17 +80,17 @@ impl Runtime {
         }
         let store = Arc::new(open_store(&config).await?);
         let tools = Arc::new(build_registry(&config, extra).await?);
-        let policy = load_promoted(&store, loader.as_ref()).await?;
+        let locator = adapter_locator(&config, store.clone());
+        let policy = locator.load_promoted(loader.as_ref()).await?;
         let slot = Arc::new(PolicySlot::new(policy));
-        let agent = Arc::new(
-            Agent::new(slot.clone(), tools, config.agent.clone())?.with_sink(store.clone()),
-        );
-        let adapters = Arc::new(AdapterManager::serving(store.clone(), loader, slot));
-        let base_path = config.model.path.clone();
-        let base_model: searchloop_loop::BaseModel = Arc::new(move || match &base_path {
-            Some(path) => Ok(path.clone()),
-            None => default_model::ensure().map_err(|e| LoopError::Load(Box::new(e))),
-        });
+        let mut agent =
+            Agent::new(slot.clone(), tools, config.agent.clone())?.with_sink(store.clone());
+        if let Some(replica) = &config.replica_id {
+            agent = agent.with_replica_id(replica.clone());
+        }
+        let agent = Arc::new(agent);
+        let adapters = Arc::new(AdapterManager::serving(locator, loader, slot));
+        let base_model = base_model(&config);
         let learning = LearningLoop::new(
             agent.clone(),
             adapters.clone(),
@@ -238,6 +238,33 @@ impl PolicyLoader for ModelLoader {
 /// Opens (creating if needed) the store the config names.
 pub async fn open_store(config: &AppConfig) -> Result<Store> {
     Ok(Store::open_with(&config.store.url, config.store.options()).await?)
+}
+
+/// The base model's GGUF: the configured file, or the embedded default (fetched on first use).
+fn base_model(config: &AppConfig) -> BaseModel {
+    let base_path = config.model.path.clone();
+    Arc::new(move || match &base_path {
+        Some(path) => Ok(path.clone()),
+        None => default_model::ensure().map_err(|e| LoopError::Load(Box::new(e))),
+    })
+}
+
+/// Where this process finds adapters' folders. A SQLite store is one machine's, so the
+/// registry's paths are the folders; on PostgreSQL a process is one of a fleet sharing the
+/// store but not a disk, and adapters it did not train come from the registry's copy of their
+/// files into `[store] adapter_cache`.
+pub fn adapter_locator(config: &AppConfig, store: Arc<Store>) -> AdapterLocator {
+    match store.backend_kind() {
+        BackendKind::Sqlite => AdapterLocator::local(store),
+        BackendKind::Postgres => AdapterLocator::fleet(
+            store,
+            FleetCache {
+                own_dir: config.learn.as_ref().map(|l| l.adapters_dir.clone()),
+                cache_dir: config.store.adapter_cache.clone(),
+                base_model: base_model(config),
+            },
+        ),
+    }
 }
 
 /// Loads the served model: the configured GGUF (or the embedded default), or `merged`, a GGUF

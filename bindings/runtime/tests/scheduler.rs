@@ -15,6 +15,7 @@ use std::{
 
 use common::{Craft, CraftedRound, ScriptedLoader, Workspace, step};
 use searchloop_demo::retail::Split;
+use searchloop_e2e::PgSchema;
 use searchloop_loop::{GateVerdict, LoopError};
 use searchloop_runtime::{AppConfig, LoopMetrics, Runtime, RuntimeError};
 use searchloop_store_sql::AdapterStatus;
@@ -281,53 +282,12 @@ async fn the_isdd_alarm_rejects_a_candidate_without_evaluating_it() {
     assert_eq!(runtime.agent().policy().current().adapter_version(), None);
 }
 
-/// A PostgreSQL schema of one test's own in `SEARCHLOOP_PG_URL`'s database, so the tests of a
-/// fleet's store run beside every other test.
-struct PgSchema {
-    admin: sqlx::PgConnection,
-    name: String,
-    /// The store URL that selects it.
-    url: String,
-}
-
-impl PgSchema {
-    async fn create() -> Self {
-        use sqlx::Connection;
-
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let base = std::env::var("SEARCHLOOP_PG_URL")
-            .expect("SEARCHLOOP_PG_URL is not set: start PostgreSQL with scripts/postgres.sh");
-        let name = format!(
-            "runtime_test_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let mut admin = sqlx::PgConnection::connect(&base).await.unwrap();
-        sqlx::raw_sql(&format!(
-            "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
-        ))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let url = format!("{base}{sep}options[search_path]={name}");
-        Self { admin, name, url }
-    }
-
-    async fn drop(mut self) {
-        sqlx::raw_sql(&format!("DROP SCHEMA {} CASCADE", self.name))
-            .execute(&mut self.admin)
-            .await
-            .unwrap();
-    }
-}
-
 /// A fleet's store on PostgreSQL (a schema of its own in `SEARCHLOOP_PG_URL`'s database): one
 /// process trains at a time; a second one is refused while the first holds the trainer lease,
 /// and takes over once the first gives it up or dies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_trains_per_postgres_store_and_another_takes_over() {
-    let schema = PgSchema::create().await;
+    let schema = PgSchema::create("runtime_test").await;
     let mut ws = Workspace::new(60);
     ws.config.store.url = schema.url.clone();
     ws.config.learn = Some(ws.learn_config(2));
@@ -385,7 +345,7 @@ async fn one_process_trains_per_postgres_store_and_another_takes_over() {
 /// process, on the same PostgreSQL store) is served by the replica within a few polls.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_serves_what_the_trainer_promotes() {
-    let schema = PgSchema::create().await;
+    let schema = PgSchema::create("runtime_test").await;
     let mut ws = Workspace::new(60);
     ws.config.store.url = schema.url.clone();
     ws.config.learn = Some(ws.learn_config(2));

@@ -126,6 +126,9 @@ pub struct HealthResponse {
     pub model_id: String,
     /// The served adapter; `null` for the base model.
     pub adapter_version: Option<u64>,
+    /// This replica's name in a fleet; absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica_id: Option<String>,
     /// Requests being answered right now.
     pub in_flight: u64,
     /// Why this process cannot serve the adapter the registry promoted (it keeps serving

@@ -160,12 +160,13 @@ impl Metrics {
         *self.counters().feedback.entry(label).or_default() += 1;
     }
 
-    /// The metrics in the Prometheus text format, with the served model's identity and the
-    /// store's counts.
+    /// The metrics in the Prometheus text format, with the served model's identity, the
+    /// replica's name in a fleet (empty when it has none) and the store's counts.
     pub fn render(
         &self,
         model_id: &str,
         adapter_version: Option<u64>,
+        replica_id: Option<&str>,
         store: &StoreSnapshot,
     ) -> String {
         let mut out = String::new();
@@ -310,13 +311,14 @@ impl Metrics {
             &mut out,
             "searchloop_serving_info",
             "gauge",
-            "The served model and adapter (always 1).",
+            "The served model and adapter, and this replica's name (always 1).",
         );
         let _ = writeln!(
             out,
-            "searchloop_serving_info{{model_id=\"{}\",adapter_version=\"{}\"}} 1",
+            "searchloop_serving_info{{model_id=\"{}\",adapter_version=\"{}\",replica=\"{}\"}} 1",
             escape(model_id),
-            version_label(adapter_version)
+            version_label(adapter_version),
+            escape(replica_id.unwrap_or_default())
         );
         render_store(&mut out, store);
         out
@@ -612,7 +614,7 @@ mod tests {
             metrics.request_started();
             metrics.request_finished("/v1/ask", "POST", 200, Duration::from_secs_f64(ms / 1e3));
         }
-        let text = metrics.render("m\"1", None, &StoreSnapshot::Unavailable);
+        let text = metrics.render("m\"1", None, Some("r-1"), &StoreSnapshot::Unavailable);
         let series = "route=\"/v1/ask\",method=\"POST\",status=\"200\"";
         assert!(
             text.contains(&format!("searchloop_http_requests_total{{{series}}} 5")),
@@ -639,7 +641,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("model_id=\"m\\\"1\",adapter_version=\"base\""),
+            text.contains("model_id=\"m\\\"1\",adapter_version=\"base\",replica=\"r-1\""),
             "{text}"
         );
         assert!(text.contains("searchloop_store_up 0"), "{text}");

@@ -271,6 +271,7 @@ async fn healthz(State(state): State<AppState>) -> Response {
         status: label.to_string(),
         model_id: policy.model_id().to_string(),
         adapter_version: policy.adapter_version(),
+        replica_id: state.agent().replica_id().map(str::to_string),
         in_flight: state.metrics().in_flight(),
         registry_error: state
             .runtime()
@@ -291,9 +292,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
         }
     };
     let policy = state.agent().policy().current();
-    let mut text = state
-        .metrics()
-        .render(policy.model_id(), policy.adapter_version(), &snapshot);
+    let mut text = state.metrics().render(
+        policy.model_id(),
+        policy.adapter_version(),
+        state.agent().replica_id(),
+        &snapshot,
+    );
     if let Some(runtime) = state.runtime() {
         render_loop(&mut text, &runtime.loop_metrics());
     }

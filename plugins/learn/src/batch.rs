@@ -255,6 +255,7 @@ mod tests {
             turns: 2,
             model_id: "m".into(),
             adapter_version: None,
+            replica_id: None,
             sampling: SamplingParams {
                 temperature,
                 ..SamplingParams::default()

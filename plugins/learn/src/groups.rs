@@ -288,6 +288,7 @@ mod tests {
             turns: 1,
             model_id: "m".into(),
             adapter_version: None,
+            replica_id: None,
             sampling: SamplingParams::default(),
             group_id: group.map(str::to_string),
             timing: Timing::default(),

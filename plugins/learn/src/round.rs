@@ -24,13 +24,13 @@ use searchloop_store_sql::{AdapterRecord, Cursor, LearningState, NewAdapter, Sto
 use searchloop_train_sapo::{
     OldLogprobSource, StepMetrics, TrainError, TrainReport, TrainSequence, Trainer,
 };
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use crate::{
     batch::{BatchBuilder, BatchStats, SequenceLimits},
     config::RoundConfig,
     error::{LearnError, Result},
+    fetch::read_adapter_files,
     groups::{feedback_groups, replay_agent, replay_groups},
     metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
     questions::{logged_train_prompts, pick_prompts, read_train_prompts},
@@ -255,7 +255,8 @@ pub async fn run_round_observed(
         return Err(LearnError::Cancelled);
     }
 
-    let content_hash = adapter_hash(staging.path())?;
+    let files = read_adapter_files(staging.path())?;
+    let content_hash = files.content_hash();
     let state = LearningState {
         feedback_cursor,
         baselines,
@@ -282,7 +283,7 @@ pub async fn run_round_observed(
         Ok(()) => match new_adapter(&final_dir) {
             Ok(adapter) => ctx
                 .store
-                .publish_adapter(version, adapter, Some(&state))
+                .publish_adapter(version, adapter, &files, Some(&state))
                 .await
                 .map_err(LearnError::from),
             Err(e) => Err(e),
@@ -364,21 +365,10 @@ async fn behaviour_adapters(
     Ok(out)
 }
 
-/// sha256 of the adapter's weights file, in hex.
-fn adapter_hash(dir: &Path) -> Result<String> {
-    let path = dir.join(searchloop_llama::lora::ADAPTER_WEIGHTS_FILE);
-    let bytes = std::fs::read(&path)
-        .map_err(|e| LearnError::io(format!("cannot read {}", path.display()), e))?;
-    Ok(Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
-
 /// Renames the complete staging folder to `final_dir`. The round reserved the folder's version,
 /// so a folder already there was left by a process that died before publishing it under a
 /// reservation the registry no longer holds; it is replaced.
-fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
+pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
         tracing::warn!(path = %final_dir.display(), "replacing an unpublished adapter folder");
         std::fs::remove_dir_all(final_dir)
@@ -442,7 +432,7 @@ pub async fn discard_stale_rounds(store: &Store, adapters_dir: &Path) -> Result<
 }
 
 /// Syncs every file of `dir`, so the folder is complete on disk before it is published.
-fn sync_files(dir: &Path) -> Result<()> {
+pub(crate) fn sync_files(dir: &Path) -> Result<()> {
     let entries = std::fs::read_dir(dir)
         .map_err(|e| LearnError::io(format!("cannot list {}", dir.display()), e))?;
     for entry in entries {

@@ -37,6 +37,7 @@ use std::{
 
 use async_trait::async_trait;
 use searchloop_core::{Policy, PolicySlot};
+use searchloop_learn as learn;
 pub use searchloop_learn::MERGED_FILE;
 use searchloop_store_sql::{AdapterRecord, AdapterStatus, Store};
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{LoopError, Result},
     metrics::{LoopCounters, bump},
+    scheduler::BaseModel,
 };
 
 /// Builds a servable model: the base model, or a merged GGUF stamped with its adapter version.
@@ -57,50 +59,132 @@ pub trait PolicyLoader: Send + Sync {
     async fn load(&self, merged: Option<&Path>, version: Option<u64>) -> Result<Arc<dyn Policy>>;
 }
 
-/// The merged GGUF that serves adapter `record`: the registry's `path` names the adapter's
-/// folder (searchloop-learn's layout), and the merged model lives in it under
-/// [`MERGED_FILE`].
-pub fn merged_model_path(record: &AdapterRecord) -> PathBuf {
-    Path::new(&record.path).join(MERGED_FILE)
+/// The merged GGUF inside adapter folder `folder` (searchloop-learn's layout).
+pub fn merged_model_path(folder: &Path) -> PathBuf {
+    folder.join(MERGED_FILE)
 }
 
-/// Loads the model of `record`, or the base model for `None`.
-pub async fn load_adapter(
-    loader: &dyn PolicyLoader,
-    record: Option<&AdapterRecord>,
-) -> Result<Arc<dyn Policy>> {
-    let Some(record) = record else {
-        return loader.load(None, None).await;
-    };
-    let path = merged_model_path(record);
-    if !path.is_file() {
-        return Err(LoopError::Adapter(format!(
-            "adapter v{}: its merged model {} is missing",
-            record.version,
-            path.display()
-        )));
+/// Where a fleet's replica keeps the adapters it fetches from the registry.
+#[derive(Clone)]
+pub struct FleetCache {
+    /// The folder this process's own rounds write (`[learn] adapters_dir`): an adapter the
+    /// registry places there is read from there.
+    pub own_dir: Option<PathBuf>,
+    /// Where adapters fetched from the registry are kept, merged, by content hash.
+    pub cache_dir: PathBuf,
+    /// The base model every fetched adapter is merged into.
+    pub base_model: BaseModel,
+}
+
+impl std::fmt::Debug for FleetCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetCache")
+            .field("own_dir", &self.own_dir)
+            .field("cache_dir", &self.cache_dir)
+            .finish_non_exhaustive()
     }
-    loader
-        .load(Some(&path), Some(record.version))
-        .await
-        .map_err(|e| LoopError::Adapter(format!("adapter v{} does not load: {e}", record.version)))
 }
 
-/// The model a (re)starting process must serve: the registry's promoted adapter, or the base
-/// model when none is promoted. A promoted adapter that does not load is an error naming it,
-/// never a silent fall-back to another model.
-pub async fn load_promoted(store: &Store, loader: &dyn PolicyLoader) -> Result<Arc<dyn Policy>> {
-    let promoted = store.promoted().await?;
-    load_adapter(loader, promoted.as_ref())
-        .await
-        .map_err(|e| match promoted {
-            Some(record) => LoopError::Adapter(format!(
-                "the registry's promoted adapter v{} cannot be served ({e}); roll it back with \
-             `searchloop adapters rollback`",
+/// Finds the folder (PEFT files and merged GGUF) of a registered adapter on this machine.
+///
+/// On one machine the registry's path is the folder. A fleet's processes share the store but
+/// not a disk: with a [`FleetCache`], an adapter is read from the registry's path only when it
+/// lies in this process's own adapters folder (it trained it); every other adapter comes from
+/// the registry's copy of its files, checked against its content hash and merged into the local
+/// base model, once per adapter. An adapter registered by path alone (no files in the
+/// registry) is read from its path when this machine holds it.
+#[derive(Debug, Clone)]
+pub struct AdapterLocator {
+    store: Arc<Store>,
+    fleet: Option<FleetCache>,
+}
+
+impl AdapterLocator {
+    /// Registry paths as they are: one machine.
+    pub fn local(store: Arc<Store>) -> Self {
+        Self { store, fleet: None }
+    }
+
+    /// A fleet's replica: adapters it did not train come from the registry into `cache`.
+    pub fn fleet(store: Arc<Store>, cache: FleetCache) -> Self {
+        Self {
+            store,
+            fleet: Some(cache),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The folder of adapter `record` on this machine, fetched from the registry when needed.
+    pub async fn folder(&self, record: &AdapterRecord) -> Result<PathBuf> {
+        let registered = PathBuf::from(&record.path);
+        let Some(fleet) = &self.fleet else {
+            return Ok(registered);
+        };
+        if merged_model_path(&registered).is_file()
+            && fleet
+                .own_dir
+                .as_ref()
+                .is_some_and(|own| registered.starts_with(own))
+        {
+            return Ok(registered);
+        }
+        let base = (fleet.base_model)()?;
+        match learn::fetch_adapter(&self.store, record, &base, &fleet.cache_dir).await {
+            Ok(Some(folder)) => Ok(folder),
+            // Registered by path alone: its path is the only place it can be.
+            Ok(None) => Ok(registered),
+            Err(e) => Err(LoopError::Adapter(format!(
+                "adapter v{} cannot be fetched from the registry: {e}",
                 record.version
-            )),
-            None => e,
-        })
+            ))),
+        }
+    }
+
+    /// Loads the model of `record`, or the base model for `None`.
+    pub async fn load(
+        &self,
+        loader: &dyn PolicyLoader,
+        record: Option<&AdapterRecord>,
+    ) -> Result<Arc<dyn Policy>> {
+        let Some(record) = record else {
+            return loader.load(None, None).await;
+        };
+        let path = merged_model_path(&self.folder(record).await?);
+        if !path.is_file() {
+            return Err(LoopError::Adapter(format!(
+                "adapter v{}: its merged model {} is missing",
+                record.version,
+                path.display()
+            )));
+        }
+        loader
+            .load(Some(&path), Some(record.version))
+            .await
+            .map_err(|e| {
+                LoopError::Adapter(format!("adapter v{} does not load: {e}", record.version))
+            })
+    }
+
+    /// The model a (re)starting process must serve: the registry's promoted adapter, or the
+    /// base model when none is promoted. A promoted adapter that does not load is an error
+    /// naming it, never a silent fall-back to another model.
+    pub async fn load_promoted(&self, loader: &dyn PolicyLoader) -> Result<Arc<dyn Policy>> {
+        let promoted = self.store.promoted().await?;
+        self.load(loader, promoted.as_ref())
+            .await
+            .map_err(|e| match promoted {
+                Some(record) => LoopError::Adapter(format!(
+                    "the registry's promoted adapter v{} cannot be served ({e}); roll it back \
+                     with `searchloop adapters rollback`",
+                    record.version
+                )),
+                None => e,
+            })
+    }
 }
 
 /// What a change of the served adapter did.
@@ -116,7 +200,7 @@ pub struct SwapReport {
 
 /// Promotes and rolls back adapters in the registry and, when it serves, in this process.
 pub struct AdapterManager {
-    store: Arc<Store>,
+    locator: AdapterLocator,
     loader: Arc<dyn PolicyLoader>,
     slot: Option<Arc<PolicySlot>>,
     /// One registry change at a time, so the registry's order and the swaps' order agree.
@@ -127,7 +211,7 @@ pub struct AdapterManager {
 impl std::fmt::Debug for AdapterManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdapterManager")
-            .field("store", &self.store.location())
+            .field("store", &self.locator.store().location())
             .field("slot", &self.slot)
             .finish_non_exhaustive()
     }
@@ -136,12 +220,12 @@ impl std::fmt::Debug for AdapterManager {
 impl AdapterManager {
     /// A manager that swaps the models it promotes into `slot`.
     pub fn serving(
-        store: Arc<Store>,
+        locator: AdapterLocator,
         loader: Arc<dyn PolicyLoader>,
         slot: Arc<PolicySlot>,
     ) -> Self {
         Self {
-            store,
+            locator,
             loader,
             slot: Some(slot),
             change: tokio::sync::Mutex::new(()),
@@ -152,9 +236,9 @@ impl AdapterManager {
     /// A manager for a process that serves nothing (the `searchloop adapters` command): it still
     /// loads every target to prove it servable before writing the registry, then drops it. A
     /// serving process picks the change up with [`AdapterManager::sync`].
-    pub fn registry_only(store: Arc<Store>, loader: Arc<dyn PolicyLoader>) -> Self {
+    pub fn registry_only(locator: AdapterLocator, loader: Arc<dyn PolicyLoader>) -> Self {
         Self {
-            store,
+            locator,
             loader,
             slot: None,
             change: tokio::sync::Mutex::new(()),
@@ -171,12 +255,12 @@ impl AdapterManager {
 
     /// Every registered adapter, oldest first.
     pub async fn list(&self) -> Result<Vec<AdapterRecord>> {
-        Ok(self.store.list_adapters().await?)
+        Ok(self.store().list_adapters().await?)
     }
 
     /// Adapter `version`, or an error naming it.
     pub async fn get(&self, version: u64) -> Result<AdapterRecord> {
-        self.store
+        self.store()
             .get_adapter(version)
             .await?
             .ok_or(LoopError::UnknownAdapter(version))
@@ -203,7 +287,10 @@ impl AdapterManager {
             });
         }
         let started = Instant::now();
-        let policy = load_adapter(self.loader.as_ref(), Some(&record)).await?;
+        let policy = self
+            .locator
+            .load(self.loader.as_ref(), Some(&record))
+            .await?;
         self.commit_promotion(version, policy, started).await
     }
 
@@ -224,8 +311,8 @@ impl AdapterManager {
         started: Instant,
     ) -> Result<SwapReport> {
         let load_ms = started.elapsed().as_millis() as u64;
-        let before = self.store.promoted().await?.map(|r| r.version);
-        self.store.promote(version).await?;
+        let before = self.store().promoted().await?.map(|r| r.version);
+        self.store().promote(version).await?;
         bump(&self.counters.promotions);
         Ok(self.swap_in(policy, before, load_ms))
     }
@@ -235,7 +322,7 @@ impl AdapterManager {
     /// is none; `reason` is recorded.
     pub async fn rollback(&self, to: Option<u64>, reason: &str) -> Result<SwapReport> {
         let _change = self.change.lock().await;
-        let Some(current) = self.store.promoted().await? else {
+        let Some(current) = self.store().promoted().await? else {
             return Err(LoopError::Adapter(
                 "nothing is promoted, so there is nothing to roll back".into(),
             ));
@@ -255,15 +342,21 @@ impl AdapterManager {
             None => self.default_rollback_target().await?,
         };
         let started = Instant::now();
-        let mut policy = load_adapter(self.loader.as_ref(), target.as_ref()).await?;
+        let mut policy = self
+            .locator
+            .load(self.loader.as_ref(), target.as_ref())
+            .await?;
         let promoted = self
-            .store
+            .store()
             .rollback(target.as_ref().map(|r| r.version), reason)
             .await?;
         // Without an explicit target the store chooses inside its transaction; another process
         // may have changed the registry since the target was read, and the registry wins.
         if promoted.as_ref().map(|r| r.version) != target.as_ref().map(|r| r.version) {
-            policy = load_adapter(self.loader.as_ref(), promoted.as_ref()).await?;
+            policy = self
+                .locator
+                .load(self.loader.as_ref(), promoted.as_ref())
+                .await?;
         }
         let load_ms = started.elapsed().as_millis() as u64;
         bump(&self.counters.rollbacks);
@@ -273,13 +366,13 @@ impl AdapterManager {
     /// The adapter [`Store::rollback`] returns to when given no target.
     async fn default_rollback_target(&self) -> Result<Option<AdapterRecord>> {
         let mut adapters: HashMap<u64, AdapterRecord> = self
-            .store
+            .store()
             .list_adapters()
             .await?
             .into_iter()
             .map(|a| (a.version, a))
             .collect();
-        let history = self.store.promotion_history().await?;
+        let history = self.store().promotion_history().await?;
         let target = history
             .iter()
             .rev()
@@ -299,7 +392,7 @@ impl AdapterManager {
             return Ok(None);
         }
         let _change = self.change.lock().await;
-        let promoted = self.store.promoted().await?;
+        let promoted = self.store().promoted().await?;
         if self.serves(promoted.as_ref().map(|r| r.version)) {
             self.counters.clear_sync_failure();
             return Ok(None);
@@ -307,7 +400,11 @@ impl AdapterManager {
         let started = Instant::now();
         // A replica that cannot load the registry's choice keeps serving what it has, and says
         // so in its metrics until a later attempt succeeds.
-        let policy = match load_adapter(self.loader.as_ref(), promoted.as_ref()).await {
+        let policy = match self
+            .locator
+            .load(self.loader.as_ref(), promoted.as_ref())
+            .await
+        {
             Ok(policy) => policy,
             Err(e) => {
                 self.counters.record_sync_failure(&e.to_string());
@@ -326,7 +423,12 @@ impl AdapterManager {
 
     /// The store.
     pub(crate) fn store(&self) -> &Arc<Store> {
-        &self.store
+        self.locator.store()
+    }
+
+    /// Where adapters' folders are found.
+    pub(crate) fn locator(&self) -> &AdapterLocator {
+        &self.locator
     }
 
     /// The loader.

@@ -23,7 +23,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod scheduler;
 
-pub use adapters::{AdapterManager, PolicyLoader, SwapReport, load_adapter, load_promoted};
+pub use adapters::{AdapterLocator, AdapterManager, FleetCache, PolicyLoader, SwapReport};
 pub use error::{LoopError, Result};
 pub use gate::{EvalReport, GateConfig, GateMetric, GateVerdict};
 pub use metrics::LoopMetrics;

@@ -53,7 +53,7 @@ use sha2::{Digest, Sha256};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    adapters::{AdapterManager, SwapReport, load_adapter},
+    adapters::{AdapterManager, SwapReport},
     error::{LoopError, Result},
     gate::{self, EvalReport, GateConfig, GateVerdict},
     metrics::{LoopMetrics, bump},
@@ -318,6 +318,9 @@ pub struct RoundJob {
     pub base_gguf: PathBuf,
     /// The promoted adapter the round trains from (`None`: the base model).
     pub parent: Option<AdapterRecord>,
+    /// The parent's folder on this machine (its PEFT files): fetched from the registry when
+    /// another process trained it.
+    pub parent_dir: Option<PathBuf>,
     /// Where adapters are written.
     pub adapters_dir: PathBuf,
     /// Set to stop the round.
@@ -339,8 +342,8 @@ impl std::fmt::Debug for RoundJob {
 /// What a round produced: a registered candidate.
 #[derive(Debug, Clone)]
 pub struct RoundCandidate {
-    /// The candidate, registered with status `candidate`; its merged GGUF is where
-    /// [`crate::adapters::merged_model_path`] says.
+    /// The candidate, registered with status `candidate`; its merged GGUF is in its folder
+    /// under [`crate::adapters::MERGED_FILE`].
     pub record: AdapterRecord,
     /// The training report (per-step metrics feed the ISDD alarm).
     pub train: TrainReport,
@@ -363,13 +366,12 @@ pub struct LearnRunner;
 #[async_trait]
 impl RoundRunner for LearnRunner {
     async fn run(&self, job: &RoundJob) -> Result<RoundCandidate> {
-        let parent_dir = job.parent.as_ref().map(|p| PathBuf::from(&p.path));
         let ctx = learn::RoundContext {
             agent: &job.agent,
             store: &job.store,
             base_gguf: &job.base_gguf,
             parent: job.parent.as_ref().map(|p| p.version),
-            parent_adapter_dir: parent_dir.as_deref(),
+            parent_adapter_dir: job.parent_dir.as_deref(),
             adapters_dir: &job.adapters_dir,
             cancel: &job.cancel,
         };
@@ -543,12 +545,12 @@ impl Shared {
 
     async fn train(&self, trigger: RoundTrigger) -> Result<RoundReport> {
         let _round = self.round.try_lock().map_err(|_| LoopError::RoundBusy)?;
-        self.hold_trainer_lease().await?;
         let config = lock(&self.config).clone().ok_or_else(|| {
             LoopError::Config(
                 "training needs a [learn] section in the config, or a scheduler attached".into(),
             )
         })?;
+        self.hold_trainer_lease().await?;
         let counters = self.adapters.counters().clone();
         bump(&counters.rounds_started);
         counters.round_running.store(true, Ordering::Relaxed);
@@ -595,13 +597,19 @@ impl Shared {
                 cap_mb: config.memory_cap_mb,
             });
         }
+        let parent = store.promoted().await?;
+        let parent_dir = match &parent {
+            Some(record) => Some(self.adapters.locator().folder(record).await?),
+            None => None,
+        };
         let cancel = Arc::new(AtomicBool::new(false));
         *lock(&self.cancel) = Some(cancel.clone());
         let job = RoundJob {
             agent: self.agent.clone(),
             store: store.clone(),
             base_gguf: (self.base_model)()?,
-            parent: store.promoted().await?,
+            parent,
+            parent_dir,
             adapters_dir: config.adapters_dir.clone(),
             cancel: cancel.clone(),
             config: config.round.clone(),
@@ -706,8 +714,11 @@ impl Shared {
         if let Some(reason) = gate::isdd_alarm(&candidate.train.steps, &config.gate.isdd) {
             outcome.verdict = GateVerdict::Reject { reason };
         } else {
-            let policy =
-                load_adapter(self.adapters.loader().as_ref(), Some(&candidate.record)).await?;
+            let policy = self
+                .adapters
+                .locator()
+                .load(self.adapters.loader().as_ref(), Some(&candidate.record))
+                .await?;
             let candidate_eval = self.evaluate(policy.clone(), &items, config).await?;
             let incumbent_eval = match self.cached_eval(outcome.incumbent, &key).await? {
                 Some(report) => report,

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, fmt};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::{
     backend::{col, on_read, on_write},
@@ -94,6 +95,35 @@ pub struct NewAdapter {
     pub metrics_summary: serde_json::Value,
     /// When it was made; `None` means now.
     pub created_at: Option<DateTime<Utc>>,
+}
+
+/// The PEFT files of a published adapter, kept in the registry so that a serving replica on
+/// another machine fetches the adapter from the store rather than from a shared disk.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdapterFiles {
+    /// The text of `adapter_config.json`.
+    pub peft_config: String,
+    /// The bytes of `adapter_model.safetensors`; their sha256 is the adapter's content hash.
+    pub weights: Vec<u8>,
+}
+
+impl fmt::Debug for AdapterFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdapterFiles")
+            .field("peft_config", &self.peft_config)
+            .field("weights_bytes", &self.weights.len())
+            .finish()
+    }
+}
+
+impl AdapterFiles {
+    /// The content hash of the weights: sha256, in lowercase hex.
+    pub fn content_hash(&self) -> String {
+        Sha256::digest(&self.weights)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
 }
 
 /// What a round leaves in the registry for the rounds trained from its adapter: where its
@@ -441,16 +471,30 @@ impl Store {
     }
 
     /// Publishes staged adapter `version` as a [`AdapterStatus::Candidate`] with its files
-    /// and, when given, the learning state its round leaves for the rounds trained from it, in
-    /// one transaction. `adapter.parent_version` must be the one it was staged with.
+    /// (kept in the registry; their hash must be `adapter.content_hash`) and, when given, the
+    /// learning state its round leaves for the rounds trained from it, in one transaction.
+    /// `adapter.parent_version` must be the one it was staged with.
     pub async fn publish_adapter(
         &self,
         version: u64,
         adapter: NewAdapter,
+        files: &AdapterFiles,
         state: Option<&LearningState>,
     ) -> Result<AdapterRecord> {
         let v = codec::to_i64("adapter version", version)?;
         let new = EncodedAdapter::new(&adapter)?;
+        let hash = files.content_hash();
+        if hash != adapter.content_hash {
+            return Err(StoreError::InvalidArgument(format!(
+                "adapter v{version}'s weights hash to {hash}, not to its content hash {}",
+                adapter.content_hash
+            )));
+        }
+        if files.peft_config.contains('\0') {
+            return Err(StoreError::InvalidArgument(format!(
+                "adapter v{version}'s PEFT config contains a NUL character"
+            )));
+        }
         let state = state.map(EncodedState::new).transpose()?;
         on_write!(self, |pool, d| {
             let mut tx = begin_registry!(pool, d);
@@ -482,6 +526,15 @@ impl Store {
             .execute(&mut *tx)
             .await
             .ctx("publish a staged adapter")?;
+            sqlx::query(
+                "INSERT INTO adapter_files (version, peft_config, weights) VALUES ($1, $2, $3)",
+            )
+            .bind(v)
+            .bind(&files.peft_config)
+            .bind(files.weights.as_slice())
+            .execute(&mut *tx)
+            .await
+            .ctx("store an adapter's files")?;
             if let Some(state) = &state {
                 sqlx::query(
                     "INSERT INTO adapter_feedback_state (version, feedback_cursor) VALUES ($1, $2)",
@@ -616,6 +669,46 @@ impl Store {
             let mut conn = pool.acquire().await.ctx("acquire a connection")?;
             Ok(fetch_adapter!(conn, version))
         })
+    }
+
+    /// The files adapter `version` was published with, checked against its content hash;
+    /// `None` when it has none in the registry (registered by path, or before the registry kept
+    /// files). Bytes that do not hash to the adapter's content hash are an error, never
+    /// returned.
+    pub async fn adapter_files(&self, version: u64) -> Result<Option<AdapterFiles>> {
+        let v = codec::to_i64("adapter version", version)?;
+        let found = on_read!(self, |pool, _d| {
+            let row = sqlx::query(
+                "SELECT a.content_hash, f.peft_config, f.weights FROM adapter_files f \
+                 JOIN adapters a ON a.version = f.version WHERE f.version = $1",
+            )
+            .bind(v)
+            .fetch_optional(pool)
+            .await
+            .ctx("read an adapter's files")?;
+            match row {
+                Some(row) => {
+                    let hash: String = col!(&row, "content_hash");
+                    let files = AdapterFiles {
+                        peft_config: col!(&row, "peft_config"),
+                        weights: col!(&row, "weights"),
+                    };
+                    Some((hash, files))
+                }
+                None => None,
+            }
+        });
+        match found {
+            Some((hash, files)) if files.content_hash() == hash => Ok(Some(files)),
+            Some((hash, files)) => Err(StoreError::CorruptRecord {
+                id: format!("adapter {version}"),
+                detail: format!(
+                    "its stored weights hash to {}, not to its content hash {hash}",
+                    files.content_hash()
+                ),
+            }),
+            None => Ok(None),
+        }
     }
 
     /// Every adapter, oldest first.

@@ -27,6 +27,8 @@ pub struct ExportRecord {
     pub model_id: String,
     /// The adapter version that served it (`null` = base model).
     pub adapter_version: Option<u64>,
+    /// The serving replica that ran it (`null`: the host named none).
+    pub replica_id: Option<String>,
     /// Samples of one prompt share a group id (`null`: sampled alone).
     pub group_id: Option<String>,
     /// The question asked.
@@ -93,6 +95,7 @@ impl ExportRecord {
             created_at: t.created_at,
             model_id: t.model_id.clone(),
             adapter_version: t.adapter_version,
+            replica_id: t.replica_id.clone(),
             group_id: t.group_id.clone(),
             question: t.question.clone(),
             prompt: t.prompt_text.clone(),

@@ -45,10 +45,11 @@
 //!
 //! | table | holds |
 //! |---|---|
-//! | `trajectories` | one row per episode: `seq` (insertion order, never reused), `id`, texts, task columns (`task_id`, `task_kind`, `task_split`, `gold_answers` and `task_tools` JSON), `tokens` (little-endian u32 blob), `logprobs` (little-endian f32 blob, bit-exact), `segments` (9-byte records: kind code, start u32, end u32), `tool_calls` and `sampling` (JSON), model id, adapter version, group id, timing |
+//! | `trajectories` | one row per episode: `seq` (insertion order, never reused), `id`, `replica_id` (the serving replica, if named), texts, task columns (`task_id`, `task_kind`, `task_split`, `gold_answers` and `task_tools` JSON), `tokens` (little-endian u32 blob), `logprobs` (little-endian f32 blob, bit-exact), `segments` (9-byte records: kind code, start u32, end u32), `tool_calls` and `sampling` (JSON), model id, adapter version, group id, timing |
 //! | `rewards` | the reward ledger: any number of entries per trajectory (`source`, `value`, `weight`, `at_ns`, `idempotency_key` unique per trajectory, `origin` = episode or feedback); `seq` orders it |
 //! | `trajectory_groups` | one row per training group with the cursor position of its latest ledger change |
 //! | `adapters`, `promotions`, `eval_refs` | the adapter registry (a row is `staging` while its round writes it), its promotion history, and which trajectories each adapter's eval used |
+//! | `adapter_files` | each published adapter's PEFT files (`adapter_config.json` text, weights bytes), which replicas on other machines fetch and check against the adapter's content hash |
 //! | `adapter_feedback_state`, `adapter_feedback_baselines` | the learning state a round leaves for the rounds trained from its adapter: its feedback cursor, and the running mean feedback reward per task kind |
 //!
 //! Times are integer nanoseconds since the Unix epoch (PostgreSQL's timestamps keep only
@@ -118,8 +119,8 @@ mod schema;
 mod store;
 
 pub use adapters::{
-    AdapterRecord, AdapterStatus, LearningState, NewAdapter, PromotionAction, PromotionEvent,
-    RunningMean,
+    AdapterFiles, AdapterRecord, AdapterStatus, LearningState, NewAdapter, PromotionAction,
+    PromotionEvent, RunningMean,
 };
 pub use error::{Result, StoreError};
 pub use export::{ExportRecord, ExportReward, ExportTask};

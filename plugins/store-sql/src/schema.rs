@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// The newest schema version this build writes and reads.
-pub(crate) const LATEST_VERSION: i64 = 3;
+pub(crate) const LATEST_VERSION: i64 = 4;
 
 /// The table recording applied migrations; its presence marks a database as a searchloop store.
 const SCHEMA_TABLE: &str = "searchloop_schema";
@@ -57,7 +57,21 @@ const MIGRATIONS: &[Migration] = &[
         sqlite: V3,
         postgres: V3,
     },
+    Migration {
+        version: 4,
+        description: "the replica that ran a trajectory; adapter files in the registry",
+        sqlite: SQLITE_V4,
+        postgres: POSTGRES_V4,
+    },
 ];
+
+/// Version 4 for SQLite: a nullable replica name per trajectory (rows from before read as
+/// naming none), and the PEFT files of each published adapter, so that a serving replica on
+/// another machine can fetch the adapter from the store instead of a shared disk.
+const SQLITE_V4: &str = include_str!("../migrations/sqlite/0004_fleet.sql");
+
+/// Version 4 for PostgreSQL: the same change, with the weights as BYTEA.
+const POSTGRES_V4: &str = include_str!("../migrations/postgres/0004_fleet.sql");
 
 /// Version 3, the same text for both databases: a nullable JSON array of tool names per
 /// trajectory. Existing rows read as naming none.

@@ -174,7 +174,7 @@ pub(crate) const TRAJECTORY_COLUMNS: &str = "t.seq, t.id, t.created_at_ns, t.que
      t.prompt_text, t.response_text, t.task_id, t.task_kind, t.task_split, t.gold_answers, \
      t.task_tools, t.tokens, t.segments, t.logprobs, t.tool_calls, t.answer, t.episode_end, t.turns, \
      t.model_id, t.adapter_version, t.sampling, t.group_id, t.started_at_ns, t.model_ms, \
-     t.tool_ms, t.total_ms";
+     t.tool_ms, t.total_ms, t.replica_id";
 
 /// Columns of a reward ledger entry, read by [`raw_reward`].
 pub(crate) const REWARD_COLUMNS: &str =
@@ -209,6 +209,7 @@ pub(crate) struct RawTrajectory {
     pub(crate) model_ms: f64,
     pub(crate) tool_ms: f64,
     pub(crate) total_ms: f64,
+    pub(crate) replica_id: Option<String>,
 }
 
 /// Reads a [`RawTrajectory`] from a row selected with [`TRAJECTORY_COLUMNS`].
@@ -242,6 +243,7 @@ macro_rules! raw_trajectory {
             model_ms: col!(row, "model_ms"),
             tool_ms: col!(row, "tool_ms"),
             total_ms: col!(row, "total_ms"),
+            replica_id: col!(row, "replica_id"),
         }
     }};
 }
@@ -340,6 +342,7 @@ impl RawTrajectory {
             turns,
             model_id: self.model_id,
             adapter_version,
+            replica_id: self.replica_id,
             sampling: parse_json::<SamplingParams>(&id, "sampling", &self.sampling)?,
             group_id: self.group_id,
             timing: Timing {
@@ -455,6 +458,9 @@ impl<'a> TrajectoryRow<'a> {
         if let Some(task) = &t.task {
             check_key("task id", &task.task_id).map_err(&refuse)?;
         }
+        if let Some(replica) = &t.replica_id {
+            check_key("replica id", replica).map_err(&refuse)?;
+        }
         // PostgreSQL text cannot hold NUL characters; refusing them on both backends keeps the
         // two stores interchangeable.
         let texts = [
@@ -543,9 +549,9 @@ impl<'a> TrajectoryRow<'a> {
 const INSERT_TRAJECTORY: &str = "INSERT INTO trajectories (id, created_at_ns, question, \
      prompt_text, response_text, task_id, task_kind, task_split, gold_answers, tokens, segments, \
      logprobs, tool_calls, answer, episode_end, turns, model_id, adapter_version, sampling, \
-     group_id, group_key, started_at_ns, model_ms, tool_ms, total_ms, task_tools) VALUES ($1, $2, \
-     $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, \
-     $23, $24, $25, $26) ON CONFLICT (id) DO NOTHING RETURNING seq";
+     group_id, group_key, started_at_ns, model_ms, tool_ms, total_ms, task_tools, replica_id) VALUES \
+     ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, \
+     $21, $22, $23, $24, $25, $26, $27) ON CONFLICT (id) DO NOTHING RETURNING seq";
 
 /// Inserts a ledger entry; a repeated idempotency key inserts nothing and returns no row.
 const INSERT_REWARD: &str = "INSERT INTO rewards (trajectory_seq, source, value, weight, at_ns, \
@@ -770,6 +776,7 @@ impl Store {
                     .bind(t.timing.tool_ms)
                     .bind(t.timing.total_ms)
                     .bind(row.task_tools.as_deref())
+                    .bind(t.replica_id.as_deref())
                     .fetch_optional(&mut *tx)
                     .await
                     .ctx(&format!("insert trajectory {}", t.id))?;

@@ -475,7 +475,7 @@ fn damaged_or_foreign_sqlite_files_are_refused_untouched() {
                         err,
                         StoreError::SchemaTooNew {
                             found: 99,
-                            supported: 3,
+                            supported: 4,
                             ..
                         }
                     ),

@@ -16,8 +16,8 @@ use searchloop_core::{
     EpisodeEnd, RewardPolicy, SegmentKind, Split, Trajectory, TrajectorySink, reward::source,
 };
 use searchloop_store_sql::{
-    AdapterStatus, Cursor, ExportRecord, FeedbackInput, FeedbackOutcome, GroupQuery, GroupStream,
-    InsertOutcome, NewAdapter, Page, PromotionAction, Store, StoreError, StoreOptions,
+    AdapterFiles, AdapterStatus, Cursor, ExportRecord, FeedbackInput, FeedbackOutcome, GroupQuery,
+    GroupStream, InsertOutcome, NewAdapter, Page, PromotionAction, Store, StoreError, StoreOptions,
     TrajectoryFilter, TrajectoryGroup,
 };
 
@@ -637,6 +637,51 @@ on_both_backends! {
         assert_eq!(reopened.stats().await.unwrap().trajectories, 1);
         reopened.check_integrity().await.unwrap();
         reopened.close().await;
+    }
+
+    async fn published_adapters_keep_their_files_and_trajectories_their_replica(db, store) {
+        let files = AdapterFiles {
+            peft_config: "{\"r\": 8}".into(),
+            weights: (0..=255u8).cycle().take(70_000).collect(),
+        };
+        let staged = store.stage_adapter(None).await.unwrap();
+        // Weights that do not hash to the adapter's content hash are refused at publication.
+        let wrong = store.publish_adapter(staged, adapter("not-the-hash", None), &files, None).await;
+        assert!(matches!(wrong, Err(StoreError::InvalidArgument(_))), "{wrong:?}");
+        let record = store
+            .publish_adapter(staged, adapter(&files.content_hash(), None), &files, None)
+            .await
+            .unwrap();
+        assert_eq!(record.content_hash.len(), 64);
+        assert_eq!(store.adapter_files(staged).await.unwrap(), Some(files.clone()));
+        // One registered by path alone has none; an unknown version neither.
+        let by_path = store.register_adapter(adapter("by-path", None)).await.unwrap();
+        assert_eq!(store.adapter_files(by_path.version).await.unwrap(), None);
+        assert_eq!(store.adapter_files(999).await.unwrap(), None);
+        // Bytes damaged in the database are an error, never handed out.
+        db.execute(&format!("UPDATE adapter_files SET peft_config = 'x' WHERE version = {staged}")).await;
+        assert!(store.adapter_files(staged).await.is_ok());
+        let flip = match &db {
+            common::TestDb::Sqlite { .. } => "UPDATE adapter_files SET weights = zeroblob(16)",
+            common::TestDb::Postgres { .. } => "UPDATE adapter_files SET weights = '\\x00'::bytea",
+        };
+        db.execute(flip).await;
+        let damaged = store.adapter_files(staged).await;
+        assert!(matches!(damaged, Err(StoreError::CorruptRecord { .. })), "{damaged:?}");
+
+        // A trajectory keeps the replica that ran it; the export carries it too.
+        let mut t = sample::trajectory("replica-1", &grouped("r"));
+        t.replica_id = Some("replica-a:8080".into());
+        store.insert_trajectory(&t).await.unwrap();
+        let back = store.get_trajectory("replica-1").await.unwrap().unwrap();
+        assert_eq!(back.replica_id.as_deref(), Some("replica-a:8080"));
+        let mut export = Vec::new();
+        store.export_jsonl(&mut export, &TrajectoryFilter::default()).await.unwrap();
+        let line: ExportRecord = serde_json::from_slice(export.split(|b| *b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(line.replica_id.as_deref(), Some("replica-a:8080"));
+        let mut empty = sample::trajectory("replica-2", &grouped("r"));
+        empty.replica_id = Some(String::new());
+        assert!(matches!(store.insert_trajectory(&empty).await, Err(StoreError::InvalidTrajectory(_))));
     }
 }
 

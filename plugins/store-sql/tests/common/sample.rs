@@ -159,6 +159,7 @@ pub fn trajectory(id: &str, shape: &Shape) -> Trajectory {
         turns: 3,
         model_id: "SmolLM2-135M-Instruct.Q4_1".into(),
         adapter_version: shape.adapter_version,
+        replica_id: None,
         sampling: SamplingParams {
             temperature: 0.7 + rng.random::<f32>() * 0.3,
             top_p: 0.95,

@@ -1,0 +1,6 @@
+ALTER TABLE trajectories ADD COLUMN replica_id TEXT;
+CREATE TABLE adapter_files (
+    version BIGINT PRIMARY KEY REFERENCES adapters (version) ON DELETE CASCADE,
+    peft_config TEXT NOT NULL,
+    weights BYTEA NOT NULL
+);
