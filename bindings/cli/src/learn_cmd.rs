@@ -27,7 +27,9 @@ use searchloop_learn::{
     EVAL_CONCURRENCY, EvalReport, GroupSource, LearnError, Question, evaluate_observed,
     read_eval_items,
 };
-use searchloop_loop::{EvalConfig, GateVerdict, LoopError, RoundReport, SchedulerConfig};
+use searchloop_loop::{
+    EvalConfig, GateVerdict, LoopError, RoundReport, SchedulerConfig, gate::ISDD_ALARM,
+};
 use searchloop_runtime::{AppConfig, Runtime, RuntimeError, service};
 use serde::{Deserialize, Serialize};
 
@@ -544,13 +546,27 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
             arms.push(&r.arm);
         }
     }
-    let mut md = String::new();
+    let mut md = format!(
+        "Held-out EM of the served model after each round: mean over seeds (min–max). \
+         lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
+         tool reward {}, dynamic sampling {}.\n\n",
+        args.lr,
+        args.epochs,
+        args.prompts,
+        args.group_size,
+        args.rollout_temperature,
+        args.tool_reward,
+        args.dynamic_sampling
+    );
     md.push_str("| arm | seeds | round 0 (base) |");
     for r in 1..=args.rounds {
         md.push_str(&format!(" round {r} |"));
     }
-    md.push_str(" second catalog before → after | right tools before → after |\n|---|---|---|");
-    md.push_str(&"---|".repeat(args.rounds + 2));
+    md.push_str(
+        " second catalog before → after | right tools before → after | candidates rejected \
+         (by the ISDD alarm) |\n|---|---|---|",
+    );
+    md.push_str(&"---|".repeat(args.rounds + 3));
     md.push('\n');
     let mut series = Vec::new();
     for arm in &arms {
@@ -573,8 +589,21 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
             spread(&runs.iter().filter_map(|r| f(r)).collect::<Vec<_>>())
                 .map_or_else(|| "–".to_string(), |(m, _, _)| format!("{m:.3}"))
         };
+        let candidates = runs
+            .iter()
+            .flat_map(|r| &r.rounds)
+            .filter(|l| l.candidate.is_some());
+        let rejected: Vec<&RoundLine> = candidates.clone().filter(|l| !l.promoted).collect();
+        let alarms = rejected
+            .iter()
+            .filter(|l| {
+                l.reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with(ISDD_ALARM))
+            })
+            .count();
         md.push_str(&format!(
-            " {} → {} | {} → {} |\n",
+            " {} → {} | {} → {} | {} of {} ({alarms}) |\n",
             mean_of(&|r| r.generalization_before.as_ref().map(|g| g.em)),
             mean_of(&|r| r.generalization_after.as_ref().map(|g| g.em)),
             mean_of(&|r| r.base.as_ref().and_then(|b| b.right_tools)),
@@ -585,6 +614,8 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
                     .next_back()
                     .and_then(|s| s.right_tools)
             }),
+            rejected.len(),
+            candidates.count(),
         ));
         series.push(Series {
             label: (*arm).to_string(),

@@ -6,9 +6,12 @@
 //!   same concurrency) as the baseline, with the store syncing every commit (`full`, the
 //!   default) and without (`normal`).
 //! - `model`: the embedded model with a catalog tool, sequential and 4 at a time.
+//! - `fleet`: the scripted policy served by 1, then 3 replicas (each its own server, store
+//!   connection pool and agent) on one PostgreSQL store (`SEARCHLOOP_PG_URL`, a fresh schema per
+//!   run), the clients spread over the replicas: whether the shared store limits a fleet.
 //!
 //! ```text
-//! cargo run --release -p searchloop-server --example http_bench -- [scripted|model|both]
+//! cargo run --release -p searchloop-server --example http_bench -- [scripted|model|both|fleet]
 //!     [--requests N] [--concurrency C] [--turn-ms MS] [--model-requests N]
 //! ```
 
@@ -53,7 +56,7 @@ fn settings() -> anyhow::Result<Settings> {
                 .with_context(|| format!("{name}: '{v}' is not a number"))
         };
         match arg.as_str() {
-            "scripted" | "model" | "both" => s.mode = arg,
+            "scripted" | "model" | "both" | "fleet" => s.mode = arg,
             "--requests" => s.requests = value("--requests")?,
             "--concurrency" => s.concurrency = value("--concurrency")?,
             "--turn-ms" => s.turn_ms = value("--turn-ms")? as u64,
@@ -227,6 +230,73 @@ async fn scripted(s: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn fleet(s: &Settings) -> anyhow::Result<()> {
+    println!(
+        "scripted policy: {} ms per turn, 2 turns + 1 catalog call per episode; {} concurrent \
+         clients spread over the replicas; one PostgreSQL store",
+        s.turn_ms, s.concurrency
+    );
+    for replicas in [1, 3] {
+        let schema = searchloop_e2e::PgSchema::create("http_bench").await;
+        let turn = Duration::from_millis(s.turn_ms);
+        let mut urls = Vec::new();
+        let mut servers = Vec::new();
+        let mut stores = Vec::new();
+        for _ in 0..replicas {
+            let (state, store) =
+                support::scripted_state_at(&schema.url, turn, StoreOptions::default()).await;
+            let (base, stop, task) = start(state).await?;
+            urls.push(format!("{base}/v1/ask"));
+            servers.push((stop, task));
+            stores.push(store);
+        }
+        let urls = Arc::new(urls);
+        let clients: Arc<Vec<reqwest::Client>> =
+            Arc::new((0..s.concurrency).map(|_| reqwest::Client::new()).collect());
+        let (warm, warm_urls) = (clients.clone(), urls.clone());
+        drive(s.concurrency, s.concurrency, move |w, _| {
+            let (clients, urls) = (warm.clone(), warm_urls.clone());
+            async move {
+                ask(&clients[w], &urls[w % urls.len()], "warm-up".into())
+                    .await
+                    .map(drop)
+            }
+        })
+        .await?;
+        let run_urls = urls.clone();
+        let http = drive(s.requests, s.concurrency, move |w, i| {
+            let (clients, urls) = (clients.clone(), run_urls.clone());
+            async move {
+                ask(
+                    &clients[w],
+                    &urls[w % urls.len()],
+                    format!("Nova Tote {w}-{i}?"),
+                )
+                .await
+                .map(drop)
+            }
+        })
+        .await?;
+        for (stop, task) in servers {
+            let _ = stop.send(());
+            task.await??;
+        }
+        let stored = stores[0].stats().await?.trajectories as usize;
+        ensure!(
+            stored == s.requests + s.concurrency,
+            "{stored} episodes stored"
+        );
+        for store in &stores {
+            store.close().await;
+        }
+        http.print(&format!(
+            "HTTP POST /v1/ask, {replicas} replica(s), PostgreSQL"
+        ));
+        schema.drop().await;
+    }
+    Ok(())
+}
+
 async fn model(s: &Settings) -> anyhow::Result<()> {
     use searchloop_demo::retail::{QuestionKind, Split};
     let dir = tempfile::tempdir()?;
@@ -290,6 +360,9 @@ async fn model(s: &Settings) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let s = settings()?;
+    if s.mode == "fleet" {
+        return fleet(&s).await;
+    }
     if s.mode != "model" {
         scripted(&s).await?;
     }

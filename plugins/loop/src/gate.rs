@@ -174,6 +174,10 @@ pub enum GateVerdict {
     },
 }
 
+/// How every reason [`isdd_alarm`] gives begins, so reports can count the alarms among a
+/// round's rejections.
+pub const ISDD_ALARM: &str = "ISDD alarm";
+
 /// The ISDD alarm: `Some(reason)` when any step of `steps` breaks `bounds`.
 ///
 /// Steps without trained tokens (NaN means) are skipped, as is the entropy check when the trainer
@@ -187,7 +191,7 @@ pub fn isdd_alarm(steps: &[StepMetrics], bounds: &IsddBounds) -> Option<String> 
         let m = &s.loss;
         if m.positive_tokens > 0 && m.ratio_below_tenth_pos > bounds.max_collapsed_fraction {
             return Some(format!(
-                "ISDD alarm at step {}: {:.3} of positive-advantage tokens have ratio < 0.1 \
+                "{ISDD_ALARM} at step {}: {:.3} of positive-advantage tokens have ratio < 0.1 \
                  (bound {})",
                 s.step, m.ratio_below_tenth_pos, bounds.max_collapsed_fraction
             ));
@@ -197,7 +201,7 @@ pub fn isdd_alarm(steps: &[StepMetrics], bounds: &IsddBounds) -> Option<String> 
             || m.ratio_mean > bounds.max_ratio_mean
         {
             return Some(format!(
-                "ISDD alarm at step {}: mean ratio {:.4} is outside [{}, {}]",
+                "{ISDD_ALARM} at step {}: mean ratio {:.4} is outside [{}, {}]",
                 s.step, m.ratio_mean, bounds.min_ratio_mean, bounds.max_ratio_mean
             ));
         }
@@ -207,7 +211,7 @@ pub fn isdd_alarm(steps: &[StepMetrics], bounds: &IsddBounds) -> Option<String> 
             && m.entropy_mean > first + bounds.min_entropy_rise_nats
         {
             return Some(format!(
-                "ISDD alarm at step {}: entropy {:.4} rose past {} x and {} nats above its first \
+                "{ISDD_ALARM} at step {}: entropy {:.4} rose past {} x and {} nats above its first \
                  value {:.4}",
                 s.step,
                 m.entropy_mean,

@@ -70,12 +70,16 @@ pub async fn scripted_state(
     turn_delay: Duration,
     options: StoreOptions,
 ) -> (AppState, Arc<Store>) {
-    let location = dir.join("store.db");
-    let store = Arc::new(
-        Store::open_with(&location.to_string_lossy(), options)
-            .await
-            .unwrap(),
-    );
+    scripted_state_at(&dir.join("store.db").to_string_lossy(), turn_delay, options).await
+}
+
+/// [`scripted_state`] over the store at `location` (a SQLite path or a PostgreSQL URL).
+pub async fn scripted_state_at(
+    location: &str,
+    turn_delay: Duration,
+    options: StoreOptions,
+) -> (AppState, Arc<Store>) {
+    let store = Arc::new(Store::open_with(location, options).await.unwrap());
     let mut tools = ToolRegistry::new();
     tools.register(Arc::new(Catalog)).unwrap();
     let policy = ScriptedPolicy::new(script)
