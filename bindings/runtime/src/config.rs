@@ -230,6 +230,9 @@ pub struct StoreSection {
     /// On PostgreSQL (a fleet's shared store): the folder where adapters this process did not
     /// train are kept once fetched from the registry and merged into the local base model.
     pub adapter_cache: PathBuf,
+    /// Most pooled connections this process opens to the store (PostgreSQL, and SQLite's
+    /// readers); a PostgreSQL trainer and a registry listener each hold one more.
+    pub max_connections: u32,
 }
 
 impl Default for StoreSection {
@@ -241,6 +244,7 @@ impl Default for StoreSection {
             sqlite_sync: SqliteSync::Full,
             reward_weights: BTreeMap::new(),
             adapter_cache: PathBuf::from("adapter-cache"),
+            max_connections: StoreOptions::default().max_connections,
         }
     }
 }
@@ -254,6 +258,7 @@ impl StoreSection {
                 weights: self.reward_weights.clone(),
             },
             sqlite_sync: self.sqlite_sync,
+            max_connections: self.max_connections,
             ..StoreOptions::default()
         }
     }
@@ -378,6 +383,11 @@ impl AppConfig {
         if self.tools.is_empty() {
             return Err(RuntimeError::Config(
                 "at least one [[tools]] entry is needed".into(),
+            ));
+        }
+        if self.store.max_connections == 0 {
+            return Err(RuntimeError::Config(
+                "store.max_connections must be at least 1".into(),
             ));
         }
         if self.model.max_concurrent_sequences == Some(0) {
