@@ -319,6 +319,8 @@ async fn run_one(
         },
     };
     report.rounds = read_rounds(&progress_path)?;
+    // A run that went further under an earlier command is reported up to this command's rounds.
+    report.rounds.truncate(args.rounds);
     println!(
         "\n== {arm}, seed {seed}: {} of {} rounds done ({})",
         report.rounds.len(),
