@@ -52,6 +52,19 @@ pub fn run_searchloop_in(dir: Option<&Path>, args: &[&str], env: &[(&str, &str)]
         .unwrap_or_else(|e| panic!("cannot run searchloop {args:?}: {e}"))
 }
 
+/// Runs `searchloop demo --workdir WORKDIR --questions N`, as a user's first command, and fails
+/// the test unless it succeeds: the data set, the inventory database and the config are then in
+/// `workdir`.
+pub fn prepare_demo(workdir: &Path, questions: usize) {
+    let workdir = workdir.to_string_lossy();
+    let questions = questions.to_string();
+    let demo = run_searchloop(
+        &["demo", "--workdir", &workdir, "--questions", &questions],
+        &[],
+    );
+    assert!(demo.status.success(), "{}", stderr_of(&demo));
+}
+
 /// Standard output as text.
 pub fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()

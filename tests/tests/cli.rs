@@ -2,7 +2,7 @@
 //! recording into the store, the store, ask, index and adapter commands on what the demo
 //! recorded, help for every command, and clear errors for bad paths.
 
-use searchloop_e2e::{run_searchloop, run_searchloop_in, stderr_of, stdout_of};
+use searchloop_e2e::{prepare_demo, run_searchloop, run_searchloop_in, stderr_of, stdout_of};
 
 /// A package index nothing listens on: pip fails to connect at once.
 const UNREACHABLE_INDEX: &str = "http://127.0.0.1:9/simple";
@@ -238,17 +238,7 @@ fn every_command_has_help_and_bad_paths_are_one_clear_error() {
 fn a_relative_model_path_and_a_users_question_file_work() {
     let work = tempfile::tempdir().unwrap();
     let workdir = work.path().join("shop");
-    let prepared = run_searchloop(
-        &[
-            "demo",
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--questions",
-            "0",
-        ],
-        &[],
-    );
-    assert!(prepared.status.success(), "{}", stderr_of(&prepared));
+    prepare_demo(&workdir, 0);
     let fetch = run_searchloop(&["model", "fetch"], &[]);
     let model = std::path::PathBuf::from(stdout_of(&fetch).trim());
     std::fs::create_dir_all(workdir.join("models")).unwrap();

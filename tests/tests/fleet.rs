@@ -24,7 +24,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use searchloop_e2e::{PgSchema, run_searchloop, searchloop_binary, stderr_of};
+use searchloop_e2e::{PgSchema, prepare_demo, searchloop_binary};
 use serde_json::{Value, json};
 
 /// How long a promotion may take to reach every replica on the CPU.
@@ -197,17 +197,7 @@ async fn a_fleet_of_three_replicas_follows_one_trainer_through_promotions_and_ki
     let schema = PgSchema::create("fleet_test").await;
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("data");
-    let demo = run_searchloop(
-        &[
-            "demo",
-            "--workdir",
-            data.to_str().unwrap(),
-            "--questions",
-            "1",
-        ],
-        &[],
-    );
-    assert!(demo.status.success(), "{}", stderr_of(&demo));
+    prepare_demo(&data, 1);
     let log = |name: &str| work.path().join(format!("{name}.log"));
     let replica_configs: Vec<PathBuf> = (1..=3)
         .map(|i| write_config(&data, &format!("r{i}"), &schema.url, false))

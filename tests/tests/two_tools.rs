@@ -15,7 +15,7 @@ use searchloop_core::{
 };
 use searchloop_demo::help_center::RunningHelpCenter;
 use searchloop_demo::retail;
-use searchloop_e2e::{run_searchloop, stderr_of};
+use searchloop_e2e::prepare_demo;
 use searchloop_runtime::{
     AppConfig,
     service::{build_tools, open_store},
@@ -147,17 +147,7 @@ async fn scripted_episode(
 async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_stored() {
     let work = tempfile::tempdir().unwrap();
     let workdir = work.path().join("data");
-    let demo = run_searchloop(
-        &[
-            "demo",
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--questions",
-            "1",
-        ],
-        &[],
-    );
-    assert!(demo.status.success(), "{}", stderr_of(&demo));
+    prepare_demo(&workdir, 1);
 
     // The demo's help center stopped with the demo; serve it again and point its tool file at
     // it, as the demo does on every run.

@@ -93,7 +93,6 @@ pub async fn run(mut config: AppConfig, args: ServeArgs) -> anyhow::Result<()> {
         )?;
         config.replica_id = Some(format!("{host}:{}", addr.port()));
     }
-    config.validate()?;
     eprintln!("loading the model…");
     let runtime = Arc::new(Runtime::start(config).await?);
     if let Some(learn) = learn {

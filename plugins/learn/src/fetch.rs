@@ -41,29 +41,41 @@ pub(crate) fn read_adapter_files(dir: &Path) -> Result<AdapterFiles> {
     })
 }
 
+/// The base model's content hash, which names the merged models made from it: read once per
+/// process by its caller, since hashing a GGUF reads all of it.
+pub async fn base_model_hash(base_gguf: &Path) -> Result<String> {
+    let path = base_gguf.to_path_buf();
+    tokio::task::spawn_blocking(move || file_sha256(&path))
+        .await
+        .map_err(|e| LearnError::Thread(e.to_string()))?
+        .map_err(|e| LearnError::io(format!("cannot read {}", base_gguf.display()), e))
+}
+
 /// The folder of adapter `record` on this machine (its PEFT files, and its merged model as
 /// [`MERGED_FILE`]): in `cache_dir` when an earlier fetch made it, else made now from the
-/// registry's files and the base model at `base_gguf`, merged in the encoding the adapter's
-/// round used. `None` when the registry holds no files for the adapter; an error, leaving
-/// nothing behind, when its bytes do not match its content hash.
+/// registry's files and the base model at `base_gguf` (whose [`base_model_hash`] is
+/// `base_hash`), merged in the encoding the adapter's round used. `None` when the registry
+/// holds no files for the adapter; an error, leaving nothing behind, when its bytes do not
+/// match its content hash.
 pub async fn fetch_adapter(
     store: &Store,
     record: &AdapterRecord,
     base_gguf: &Path,
+    base_hash: &str,
     cache_dir: &Path,
 ) -> Result<Option<PathBuf>> {
+    // A cache hit reads nothing from the store. A content hash that is not a digest was never
+    // published with files, so it can only be a miss.
+    let folder = cache_name(&record.content_hash, base_hash).map(|name| cache_dir.join(name));
+    if let Ok(folder) = &folder
+        && folder.join(MERGED_FILE).is_file()
+    {
+        return Ok(Some(folder.clone()));
+    }
     let Some(files) = store.adapter_files(record.version).await? else {
         return Ok(None);
     };
-    let base = base_gguf.to_path_buf();
-    let base_hash = tokio::task::spawn_blocking(move || file_sha256(&base))
-        .await
-        .map_err(|e| LearnError::Thread(e.to_string()))?
-        .map_err(|e| LearnError::io(format!("cannot read {}", base_gguf.display()), e))?;
-    let folder = cache_dir.join(cache_name(&record.content_hash, &base_hash)?);
-    if folder.join(MERGED_FILE).is_file() {
-        return Ok(Some(folder));
-    }
+    let folder = folder?;
     let encoding = merged_weights_of(record)?;
     let base = base_gguf.to_path_buf();
     let cache = cache_dir.to_path_buf();

@@ -61,7 +61,7 @@ pub use batch::{BatchStats, SkipReason};
 pub use config::{GroupSource, MergedWeights, RoundConfig};
 pub use error::{LearnError, Result};
 pub use eval::{EVAL_CONCURRENCY, EvalReport, KindReport, evaluate, evaluate_observed};
-pub use fetch::fetch_adapter;
+pub use fetch::{base_model_hash, fetch_adapter};
 pub use groups::FeedbackBaselines;
 pub use metrics::{METRICS_FILE, RoundSummary};
 pub use questions::{Question, read_eval_items, read_train_prompts};

@@ -365,9 +365,10 @@ async fn behaviour_adapters(
     Ok(out)
 }
 
-/// Renames the complete staging folder to `final_dir`. The round reserved the folder's version,
-/// so a folder already there was left by a process that died before publishing it under a
-/// reservation the registry no longer holds; it is replaced.
+/// Renames the complete staging folder to `final_dir`, replacing a folder already there. For a
+/// round, whose version the registry reserved, such a folder was left by a process that died
+/// before publishing it; for a fetch ([`crate::fetch`]), it holds the same adapter merged by an
+/// earlier fetch.
 pub(crate) fn publish(staging: tempfile::TempDir, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
         tracing::warn!(path = %final_dir.display(), "replacing an unpublished adapter folder");

@@ -97,12 +97,19 @@ impl std::fmt::Debug for FleetCache {
 pub struct AdapterLocator {
     store: Arc<Store>,
     fleet: Option<FleetCache>,
+    /// The base model's content hash, read at the first fetch and kept: the base model does
+    /// not change while a process runs.
+    base_hash: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl AdapterLocator {
     /// Registry paths as they are: one machine.
     pub fn local(store: Arc<Store>) -> Self {
-        Self { store, fleet: None }
+        Self {
+            store,
+            fleet: None,
+            base_hash: Arc::default(),
+        }
     }
 
     /// A fleet's replica: adapters it did not train come from the registry into `cache`.
@@ -110,6 +117,7 @@ impl AdapterLocator {
         Self {
             store,
             fleet: Some(cache),
+            base_hash: Arc::default(),
         }
     }
 
@@ -133,7 +141,17 @@ impl AdapterLocator {
             return Ok(registered);
         }
         let base = (fleet.base_model)()?;
-        match learn::fetch_adapter(&self.store, record, &base, &fleet.cache_dir).await {
+        let fetched = match self
+            .base_hash
+            .get_or_try_init(|| learn::base_model_hash(&base))
+            .await
+        {
+            Ok(base_hash) => {
+                learn::fetch_adapter(&self.store, record, &base, base_hash, &fleet.cache_dir).await
+            }
+            Err(e) => Err(e),
+        };
+        match fetched {
             Ok(Some(folder)) => Ok(folder),
             // Registered by path alone: its path is the only place it can be.
             Ok(None) => Ok(registered),

@@ -522,7 +522,6 @@ impl Shared {
         }
     }
 
-    /// Runs one round and its gate.
     /// Makes sure this process holds the store's trainer lease: keeps one it holds while its
     /// session lives, else takes it, else fails with [`LoopError::TrainerElsewhere`].
     async fn hold_trainer_lease(&self) -> Result<()> {
@@ -543,6 +542,7 @@ impl Shared {
         }
     }
 
+    /// Runs one round and its gate.
     async fn train(&self, trigger: RoundTrigger) -> Result<RoundReport> {
         let _round = self.round.try_lock().map_err(|_| LoopError::RoundBusy)?;
         let config = lock(&self.config).clone().ok_or_else(|| {

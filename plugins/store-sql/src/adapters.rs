@@ -119,10 +119,7 @@ impl fmt::Debug for AdapterFiles {
 impl AdapterFiles {
     /// The content hash of the weights: sha256, in lowercase hex.
     pub fn content_hash(&self) -> String {
-        Sha256::digest(&self.weights)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        format!("{:x}", Sha256::digest(&self.weights))
     }
 }
 
@@ -698,17 +695,19 @@ impl Store {
                 None => None,
             }
         });
-        match found {
-            Some((hash, files)) if files.content_hash() == hash => Ok(Some(files)),
-            Some((hash, files)) => Err(StoreError::CorruptRecord {
+        let Some((hash, files)) = found else {
+            return Ok(None);
+        };
+        let actual = files.content_hash();
+        if actual != hash {
+            return Err(StoreError::CorruptRecord {
                 id: format!("adapter {version}"),
                 detail: format!(
-                    "its stored weights hash to {}, not to its content hash {hash}",
-                    files.content_hash()
+                    "its stored weights hash to {actual}, not to its content hash {hash}"
                 ),
-            }),
-            None => Ok(None),
+            });
         }
+        Ok(Some(files))
     }
 
     /// Every adapter, oldest first.
