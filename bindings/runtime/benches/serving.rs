@@ -1,6 +1,8 @@
-//! Serving speed of the two engines in one run, on the embedded model and the real retail
-//! catalog tool: the candle engine (batched decoding, reused prefixes) against mistral.rs
-//! (one sequence at a time on the CPU), as ratios.
+//! Serving speed of the engines in one run, on the embedded model and the real retail catalog
+//! tool: the candle engine (batched decoding, reused prefixes) against mistral.rs (one sequence
+//! at a time on the CPU) and llama.cpp's `llama-server` (the same GGUF through its
+//! `/completion` endpoint with its prompt cache, at `--parallel 1` and `--parallel 8`), as
+//! ratios to the first engine named.
 //!
 //! For each engine, on a warm model:
 //! - single episodes: held-out questions one after another (latency);
@@ -10,21 +12,24 @@
 //!   them (requests per second and median latency).
 //!
 //! `cargo bench -p searchloop-runtime --bench serving [-- --episodes 12 --prompts 4 --group 8
-//! --askers 8 --engines candle,mistralrs]`
+//! --askers 8 --engines candle,mistralrs,llama-server:1,llama-server:8 --llama-server PATH]`
+//!
+//! The `llama-server:P` engines need the binary `scripts/llama-server.sh` builds.
 
 // A benchmark reports by panicking on a broken setup, like a test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod peer;
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use common::Workspace;
 use futures::future::join_all;
-use searchloop_core::SegmentKind;
+use searchloop_core::{SegmentKind, Trajectory};
 use searchloop_demo::retail::{Question, Split};
-use searchloop_runtime::{Runtime, config::Engine};
+use searchloop_runtime::{ModelLoader, PolicyLoader, Runtime, config::Engine};
 
 /// What one engine measured.
 struct EngineFigures {
@@ -34,6 +39,9 @@ struct EngineFigures {
     replay_tokens: usize,
     askers_per_s: f64,
     askers_p50_s: f64,
+    /// Mean seconds of the first engine's single episodes replayed token for token (the
+    /// `llama-server` engines only).
+    replayed_single_mean_s: Option<f64>,
 }
 
 fn arg(name: &str, default: &str) -> String {
@@ -73,17 +81,47 @@ async fn all_at_once(
     (started.elapsed().as_secs_f64(), latencies, tokens)
 }
 
+/// The engines the benchmark can measure.
+enum Served {
+    /// One of the runtime's own engines.
+    Own(Engine),
+    /// `llama-server` with this many parallel slots.
+    LlamaServer(usize),
+}
+
 async fn measure(
-    engine: Engine,
+    served: &Served,
     name: &str,
     episodes: usize,
     prompts: usize,
     group: usize,
     askers: usize,
-) -> EngineFigures {
+    reference: &[Trajectory],
+) -> (EngineFigures, Vec<Trajectory>) {
     let mut ws = Workspace::new(600);
-    ws.config.model.engine = engine;
-    let runtime = Runtime::start(ws.config.clone()).await.unwrap();
+    // The peer keeps its server for as long as the runtime serves through it.
+    let mut _server = None;
+    let loader: Arc<dyn PolicyLoader> = match served {
+        Served::Own(engine) => {
+            ws.config.model.engine = *engine;
+            Arc::new(ModelLoader::new(ws.config.model.clone()))
+        }
+        Served::LlamaServer(parallel) => {
+            let binary = peer::binary(&arg("--llama-server", ""));
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let server =
+                peer::LlamaServer::start(&binary, &common::model_path(), threads, *parallel);
+            let loader = peer::LlamaServerLoader {
+                section: ws.config.model.clone(),
+                url: server.url.clone(),
+            };
+            _server = Some(server);
+            Arc::new(loader)
+        }
+    };
+    let runtime = Runtime::start_with(ws.config.clone(), Vec::new(), loader)
+        .await
+        .unwrap();
     let heldout: Vec<&Question> = ws
         .questions
         .iter()
@@ -99,15 +137,32 @@ async fn measure(
     runtime.run(ws.request(heldout[0], 0)).await.unwrap();
 
     let mut single = Vec::new();
+    let mut trajectories = Vec::new();
+    // Tokens of each kind over the single episodes: what an episode asks of a model.
+    let (mut prompt, mut generated, mut inserted, mut turns) = (0, 0, 0, 0);
     for (i, q) in heldout.iter().take(episodes).enumerate() {
         let t = Instant::now();
-        runtime.run(ws.request(q, i as u64)).await.unwrap();
+        let trajectory = runtime.run(ws.request(q, i as u64)).await.unwrap();
         single.push(t.elapsed().as_secs_f64());
+        prompt += trajectory.tokens_of(SegmentKind::Prompt).len();
+        generated += trajectory.tokens_of(SegmentKind::Model).len();
+        inserted += trajectory.tokens.len()
+            - trajectory.tokens_of(SegmentKind::Prompt).len()
+            - trajectory.tokens_of(SegmentKind::Model).len();
+        turns += trajectory.turns;
+        trajectories.push(trajectory);
     }
     let single_mean_s = single.iter().sum::<f64>() / single.len() as f64;
+    let per_episode = |n: usize| n as f64 / single.len() as f64;
     println!(
-        "{name}: single episodes, {} one after another: mean {single_mean_s:.2} s",
-        single.len()
+        "{name}: single episodes, {} one after another: mean {single_mean_s:.2} s; per episode \
+         {:.0} prompt tokens (system prompt and question), {:.1} turns, {:.0} tokens generated, \
+         {:.0} inserted between turns (prefills, observations)",
+        single.len(),
+        per_episode(prompt),
+        per_episode(turns as usize),
+        per_episode(generated),
+        per_episode(inserted)
     );
 
     let group_questions: Vec<&Question> = train
@@ -134,14 +189,38 @@ async fn measure(
     println!(
         "{name}: {askers} concurrent askers: {askers_per_s:.3} req/s, p50 {askers_p50_s:.2} s"
     );
-    EngineFigures {
-        engine: name.to_string(),
-        single_mean_s,
-        replay_episodes_per_s,
-        replay_tokens,
-        askers_per_s,
-        askers_p50_s,
-    }
+    // The same token work as the first engine's episodes, when this is the peer and there is
+    // a first engine: sampling differs between engines, so their own episodes differ in length.
+    let replayed_single_mean_s = match (&_server, reference.is_empty()) {
+        (Some(server), false) => {
+            let mut seconds = 0.0;
+            for trajectory in reference {
+                seconds += server
+                    .replay(trajectory, ws.config.agent.sampling.temperature)
+                    .await;
+            }
+            let mean = seconds / reference.len() as f64;
+            println!(
+                "{name}: the first engine's {} single episodes replayed token for token: mean \
+                 {mean:.2} s",
+                reference.len()
+            );
+            Some(mean)
+        }
+        _ => None,
+    };
+    (
+        EngineFigures {
+            engine: name.to_string(),
+            single_mean_s,
+            replay_episodes_per_s,
+            replay_tokens,
+            askers_per_s,
+            askers_p50_s,
+            replayed_single_mean_s,
+        },
+        trajectories,
+    )
 }
 
 fn main() {
@@ -155,18 +234,28 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "the embedded model, f32 weights, the retail catalog tool, {} cores",
+        "the embedded model (f32 weights for the project's engines), the retail catalog tool, {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    let mut reference: Vec<Trajectory> = Vec::new();
     let figures: Vec<EngineFigures> = engines
         .split(',')
         .map(|name| {
-            let engine = match name {
-                "candle" => Engine::Candle,
-                "mistralrs" => Engine::MistralRs,
-                other => panic!("unknown engine {other}"),
+            let served = match name {
+                "candle" => Served::Own(Engine::Candle),
+                "mistralrs" => Served::Own(Engine::MistralRs),
+                other => match other.strip_prefix("llama-server:").map(str::parse) {
+                    Some(Ok(parallel)) => Served::LlamaServer(parallel),
+                    _ => panic!("unknown engine {other}: candle, mistralrs or llama-server:SLOTS"),
+                },
             };
-            runtime.block_on(measure(engine, name, episodes, prompts, group, askers))
+            let (figures, trajectories) = runtime.block_on(measure(
+                &served, name, episodes, prompts, group, askers, &reference,
+            ));
+            if reference.is_empty() {
+                reference = trajectories;
+            }
+            figures
         })
         .collect();
     println!(
@@ -184,15 +273,28 @@ fn main() {
             f.askers_p50_s
         );
     }
-    if let [ours, peer] = &figures[..] {
-        println!(
-            "\n{} against {}: single episode latency {:.2}x lower, replay {:.2}x the episodes/s, \
-             askers {:.2}x the req/s",
-            ours.engine,
-            peer.engine,
-            peer.single_mean_s / ours.single_mean_s,
-            ours.replay_episodes_per_s / peer.replay_episodes_per_s,
-            ours.askers_per_s / peer.askers_per_s
-        );
+    if let [ours, peers @ ..] = &figures[..] {
+        for peer in peers {
+            println!(
+                "{} against {}: single episode latency {:.2}x lower, replay {:.2}x the \
+                 episodes/s, askers {:.2}x the req/s",
+                ours.engine,
+                peer.engine,
+                peer.single_mean_s / ours.single_mean_s,
+                ours.replay_episodes_per_s / peer.replay_episodes_per_s,
+                ours.askers_per_s / peer.askers_per_s
+            );
+            if let Some(replayed) = peer.replayed_single_mean_s {
+                println!(
+                    "{} against {} on the same episodes' token work: single episode latency \
+                     {:.2}x lower ({:.2} s against {:.2} s)",
+                    ours.engine,
+                    peer.engine,
+                    replayed / ours.single_mean_s,
+                    ours.single_mean_s,
+                    replayed
+                );
+            }
+        }
     }
 }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::{LlamaError, Result},
+    few_rows::{BlockRows, FEW_ROWS, FewRowsTimesWeight, dot},
     fused::axpy,
     gguf::{GgufFile, LlamaConfig, RopeStyle},
 };
@@ -106,9 +107,12 @@ impl WeightsEncoding {
 /// One linear layer, `x @ W^T + b`.
 #[derive(Debug)]
 enum Projection {
-    /// Dense weights `(out, in)`.
+    /// Dense weights `(out, in)`, and on the CPU the file's own blocks of the same values
+    /// when it stores them in an encoding [`BlockRows`] reads: a decoding step reads those,
+    /// a fraction of the bytes, and gets the same products.
     Dense {
         weight: Tensor,
+        blocks: Option<BlockRows>,
         bias: Option<Tensor>,
     },
     /// Quantized weights, multiplied by candle's quantized kernels.
@@ -122,10 +126,15 @@ impl Projection {
     /// `x: (n, in)` to `(n, out)`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
-            Projection::Dense { weight, bias } if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS => {
-                (x.apply_op2_no_bwd(weight, &FewRowsTimesWeight)?, bias)
-            }
-            Projection::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
+            Projection::Dense {
+                weight,
+                blocks,
+                bias,
+            } if x.device().is_cpu() && x.dim(0)? <= FEW_ROWS => match blocks {
+                Some(blocks) => (blocks.few_rows_times(x)?, bias),
+                None => (x.apply_op2_no_bwd(weight, &FewRowsTimesWeight)?, bias),
+            },
+            Projection::Dense { weight, bias, .. } => (x.matmul(&weight.t()?)?, bias),
             Projection::Quantized { weight, bias } => (weight.forward(x)?, bias),
         };
         Ok(match bias {
@@ -135,136 +144,49 @@ impl Projection {
     }
 }
 
-/// Eight lanes of `acc + x * w`, written lane by lane with fused multiply-adds so that the
-/// compiler emits it as one vector instruction.
-#[inline(always)]
-fn lanes_fma(acc: [f32; 8], x: &[f32; 8], w: &[f32; 8]) -> [f32; 8] {
-    std::array::from_fn(|l| x[l].mul_add(w[l], acc[l]))
+/// Projections of one input: computed as one product, whose output columns are the parts'
+/// side by side, when the weights are dense (one parallel pass over the joined matrix costs
+/// less than one per part: a decoding step's small products are dominated by starting them);
+/// one product per part in quantized encodings, whose matrices candle cannot join.
+#[derive(Debug)]
+enum SameInput {
+    Joined {
+        projection: Projection,
+        widths: Vec<usize>,
+    },
+    Separate(Vec<Projection>),
 }
 
-/// The eight-float chunks of `x`, and the remainder.
-#[inline(always)]
-fn chunks8(x: &[f32]) -> (&[[f32; 8]], &[f32]) {
-    x.as_chunks::<8>()
-}
-
-/// Four dot products of `xs[r]` with `w` at once: each in eight lanes, four independent
-/// accumulator chains, so the multiply-adds of a weight chunk overlap.
-#[inline]
-fn dot4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
-    let (wc, wt) = chunks8(w);
-    let rows = xs.map(chunks8);
-    let mut acc = [[0f32; 8]; 4];
-    for (i, wv) in wc.iter().enumerate() {
-        acc[0] = lanes_fma(acc[0], &rows[0].0[i], wv);
-        acc[1] = lanes_fma(acc[1], &rows[1].0[i], wv);
-        acc[2] = lanes_fma(acc[2], &rows[2].0[i], wv);
-        acc[3] = lanes_fma(acc[3], &rows[3].0[i], wv);
-    }
-    let mut sums = [0f32; 4];
-    for r in 0..4 {
-        let tail: f32 = rows[r].1.iter().zip(wt).map(|(a, b)| a * b).sum();
-        sums[r] = acc[r].iter().sum::<f32>() + tail;
-    }
-    sums
-}
-
-/// One dot product, summed in the same order as each row of [`dot4`]: a row's value does not
-/// depend on which rows it was computed with, so a sequence decodes the same alone or in a
-/// batch.
-#[inline]
-fn dot8(x: &[f32], w: &[f32]) -> f32 {
-    let ((wc, wt), (xc, xt)) = (chunks8(w), chunks8(x));
-    let mut acc = [0f32; 8];
-    for (wv, xv) in wc.iter().zip(xc) {
-        acc = lanes_fma(acc, xv, wv);
-    }
-    let tail: f32 = xt.iter().zip(wt).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// Rows up to which a dense CPU projection runs [`FewRowsTimesWeight`] rather than candle's
-/// matrix product: a decoding step has one row per sequence, and for a few rows the product
-/// is bound by reading the weights, which the general product packs into a new layout first.
-const FEW_ROWS: usize = 64;
-
-/// `x @ W^T` for a few rows of `x` `(m, k)` and a weight `W` `(n, k)` on the CPU: every weight
-/// row is read once, from where it lies, and multiplied with all rows of `x` while it is in
-/// the cache. Parallel over blocks of weight rows.
-struct FewRowsTimesWeight;
-
-/// Weight rows per parallel task.
-const WEIGHT_ROWS_PER_TASK: usize = 32;
-
-impl candle_core::CustomOp2 for FewRowsTimesWeight {
-    fn name(&self) -> &'static str {
-        "few-rows-times-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &candle_core::CpuStorage,
-        xl: &candle_core::Layout,
-        ws: &candle_core::CpuStorage,
-        wl: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (m, k) = xl.shape().dims2()?;
-        let (n, k2) = wl.shape().dims2()?;
-        if k != k2 || !xl.is_contiguous() || !wl.is_contiguous() {
-            candle_core::bail!(
-                "few-rows-times-weight: {:?} by {:?}",
-                xl.shape(),
-                wl.shape()
-            );
-        }
-        let x = &xs.as_slice::<f32>()?[xl.start_offset()..][..m * k];
-        let w = &ws.as_slice::<f32>()?[wl.start_offset()..][..n * k];
-        // Computed transposed, `(n, m)`, so each task writes one contiguous block.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(m * WEIGHT_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(task, block)| {
-                for (j, out) in block.chunks_mut(m).enumerate() {
-                    let row = &w[(task * WEIGHT_ROWS_PER_TASK + j) * k..][..k];
-                    let mut i = 0;
-                    while i + 4 <= m {
-                        let sums = dot4(
-                            [
-                                &x[i * k..][..k],
-                                &x[(i + 1) * k..][..k],
-                                &x[(i + 2) * k..][..k],
-                                &x[(i + 3) * k..][..k],
-                            ],
-                            row,
-                        );
-                        out[i..i + 4].copy_from_slice(&sums);
-                        i += 4;
-                    }
-                    for (i, y) in out.iter_mut().enumerate().skip(i) {
-                        *y = dot8(&x[i * k..][..k], row);
-                    }
-                }
-            });
-        let mut y = vec![0f32; m * n];
-        for (o, column) in yt.chunks(m).enumerate() {
-            for (i, &value) in column.iter().enumerate() {
-                y[i * n + o] = value;
+impl SameInput {
+    /// Each part's `(n, out)` output, in order.
+    fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            SameInput::Joined { projection, widths } => {
+                let y = projection.forward(x)?;
+                let mut start = 0;
+                widths
+                    .iter()
+                    .map(|&width| {
+                        let part = y.narrow(1, start, width)?.contiguous()?;
+                        start += width;
+                        Ok(part)
+                    })
+                    .collect()
             }
+            SameInput::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
         }
-        Ok((candle_core::CpuStorage::F32(y), (m, n).into()))
     }
 }
 
 #[derive(Debug)]
 struct ServingLayer {
     attn_norm: Tensor,
-    q: Projection,
-    k: Projection,
-    v: Projection,
+    /// Queries, keys and values.
+    qkv: SameInput,
     o: Projection,
     ffn_norm: Tensor,
-    gate: Projection,
-    up: Projection,
+    /// The MLP's gate and up projections.
+    gate_up: SameInput,
     down: Projection,
 }
 
@@ -294,6 +216,65 @@ impl Loader<'_> {
         self.file.dense(name, self.device, DType::F32)
     }
 
+    /// Weight matrices that multiply the same input, as [`SameInput`]: joined when the serving
+    /// encoding is dense f32.
+    fn same_input(&mut self, parts: &[(String, Option<String>)]) -> Result<SameInput> {
+        if self.encoding != WeightsEncoding::F32 {
+            return parts
+                .iter()
+                .map(|(name, bias)| self.projection(name, bias.as_deref()))
+                .collect::<Result<_>>()
+                .map(SameInput::Separate);
+        }
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut blocks = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for (name, bias) in parts {
+            let stored = self.file.qtensor(name)?;
+            weights.push(stored.dequantize(&Device::Cpu)?);
+            blocks.push(match self.device {
+                Device::Cpu => BlockRows::of(&stored)?,
+                _ => None,
+            });
+            biases.push(match bias {
+                Some(b) if self.file.has_tensor(b) => {
+                    Some(self.file.dense(b, &Device::Cpu, DType::F32)?)
+                }
+                _ => None,
+            });
+        }
+        let widths = weights
+            .iter()
+            .map(|w| w.dim(0))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // A part without a bias adds zeros, so that one bias covers the joined output.
+        let bias = if biases.iter().any(Option::is_some) {
+            let filled = biases
+                .into_iter()
+                .zip(&widths)
+                .map(|(b, &width)| match b {
+                    Some(b) => Ok(b),
+                    None => Tensor::zeros(width, DType::F32, &Device::Cpu),
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::cat(&filled, 0)?.to_device(self.device)?)
+        } else {
+            None
+        };
+        let blocks = blocks
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .and_then(BlockRows::joined);
+        Ok(SameInput::Joined {
+            projection: Projection::Dense {
+                weight: Tensor::cat(&weights, 0)?.to_device(self.device)?,
+                blocks,
+                bias,
+            },
+            widths,
+        })
+    }
+
     /// A weight matrix as a projection in the serving encoding.
     fn projection(&mut self, name: &str, bias: Option<&str>) -> Result<Projection> {
         let bias = match bias {
@@ -304,7 +285,15 @@ impl Loader<'_> {
         let quantized = match self.encoding.reencoded_type() {
             Some(GgmlDType::F32) => {
                 let weight = stored.dequantize(&Device::Cpu)?.to_device(self.device)?;
-                return Ok(Projection::Dense { weight, bias });
+                let blocks = match self.device {
+                    Device::Cpu => BlockRows::of(&stored)?,
+                    _ => None,
+                };
+                return Ok(Projection::Dense {
+                    weight,
+                    blocks,
+                    bias,
+                });
             }
             Some(target) if stored.dtype() != target => {
                 let dense = stored.dequantize(&Device::Cpu)?;
@@ -346,15 +335,17 @@ impl ServingModel {
         for i in 0..config.n_layer {
             let name = |stem: &str| format!("blk.{i}.{stem}.weight");
             let bias = |stem: &str| format!("blk.{i}.{stem}.bias");
+            let with_bias = |stem: &str| (name(stem), Some(bias(stem)));
             layers.push(ServingLayer {
                 attn_norm: loader.dense(&name("attn_norm"))?,
-                q: loader.projection(&name("attn_q"), Some(&bias("attn_q")))?,
-                k: loader.projection(&name("attn_k"), Some(&bias("attn_k")))?,
-                v: loader.projection(&name("attn_v"), Some(&bias("attn_v")))?,
+                qkv: loader.same_input(&[
+                    with_bias("attn_q"),
+                    with_bias("attn_k"),
+                    with_bias("attn_v"),
+                ])?,
                 o: loader.projection(&name("attn_output"), Some(&bias("attn_output")))?,
                 ffn_norm: loader.dense(&name("ffn_norm"))?,
-                gate: loader.projection(&name("ffn_gate"), None)?,
-                up: loader.projection(&name("ffn_up"), None)?,
+                gate_up: loader.same_input(&[(name("ffn_gate"), None), (name("ffn_up"), None)])?,
                 down: loader.projection(&name("ffn_down"), None)?,
             });
         }
@@ -450,16 +441,15 @@ impl ServingModel {
         let eps = c.rms_eps as f32;
         for (index, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let q = layer.q.forward(&h)?;
-            let k = layer.k.forward(&h)?;
-            let v = layer.v.forward(&h)?;
+            let [q, k, v] = three(layer.qkv.forward(&h)?)?;
             let q = (self.rope(&q, c.n_head, &cos, &sin)? * scale)?;
             let k = self.rope(&k, c.n_kv_head, &cos, &sin)?;
             kv.append(index, &k, &v.contiguous()?, plan)?;
             let attended = kv.attend(index, &q, plan)?;
             x = (x + layer.o.forward(&attended)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let mlp = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+            let [gate, up] = two(layer.gate_up.forward(&h)?)?;
+            let mlp = (gate.silu()? * up)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
         if wanted.is_empty() {
@@ -501,6 +491,18 @@ impl ServingModel {
         };
         Ok(rotated.reshape((n, heads * d))?)
     }
+}
+
+/// The three outputs of a [`SameInput`] of three parts.
+fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
+    <[Tensor; 3]>::try_from(parts)
+        .map_err(|p| LlamaError::Config(format!("three projections expected, {} found", p.len())))
+}
+
+/// The two outputs of a [`SameInput`] of two parts.
+fn two(parts: Vec<Tensor>) -> Result<[Tensor; 2]> {
+    <[Tensor; 2]>::try_from(parts)
+        .map_err(|p| LlamaError::Config(format!("two projections expected, {} found", p.len())))
 }
 
 /// The tokens of one forward step, flattened: token `i` is `ids[i]` at `positions[i]` of the
@@ -951,7 +953,7 @@ impl KvCache {
                 let query = &queries[token * width + head * d..][..d];
                 let visible = plan.positions[token] + 1;
                 scores.clear();
-                scores.extend((0..visible).map(|j| dot8(query, &keys[j * kv_dim + offset..][..d])));
+                scores.extend((0..visible).map(|j| dot(query, &keys[j * kv_dim + offset..][..d])));
                 let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut total = 0f32;
                 for s in scores.iter_mut() {

@@ -27,6 +27,7 @@
 
 pub mod chat;
 pub mod error;
+mod few_rows;
 mod fused;
 pub mod gguf;
 pub mod infer;

@@ -33,6 +33,9 @@ pub enum CandleError {
     /// Generation failed while the request ran; the message says where.
     #[error("generation failed: {0}")]
     Generation(String),
+    /// The engine's threads could not be started.
+    #[error("cannot start the engine's threads: {0}")]
+    Threads(#[source] rayon::ThreadPoolBuildError),
     /// The engine's thread is gone (the policy is being dropped).
     #[error("the engine has stopped")]
     Stopped,

@@ -159,10 +159,19 @@ impl CandlePolicy {
             counters.clone(),
         );
         let (jobs, receiver) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("searchloop-candle-engine".into())
-            .spawn(move || engine.run(receiver))
-            .map_err(|e| CandleError::io("cannot start the engine thread".into(), e))?;
+        // The engine loop runs on a worker of its own thread pool, so the parallel kernels of
+        // each step start on the thread that asks for them, with the pool's other workers
+        // joining: asked from a thread outside the pool, every kernel first waits for a
+        // sleeping worker to wake, which cost a decoding step about a third of its time. The
+        // pool ends when the loop does (its job channel closes when the policy is dropped).
+        let threads = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("searchloop-candle-engine-{i}"))
+            // A panic in the loop ends the engine (requests then get `Stopped`), as it ended
+            // the engine's own thread before; rayon's default would abort the process.
+            .panic_handler(|_| tracing::error!("the candle engine stopped on a panic"))
+            .build()
+            .map_err(CandleError::Threads)?;
+        threads.spawn(move || engine.run(receiver));
         Ok(Self {
             jobs: Mutex::new(jobs),
             counters,
