@@ -87,6 +87,11 @@ pub struct LearnArgs {
     /// Weight of the reward for calling the tools a question needs (0: none).
     #[arg(long, default_value_t = 0.1)]
     pub tool_reward: f64,
+    /// Text written at the start of the turn after a tool's observation (the protocol's
+    /// `after_observation_prefill`); empty lets the model choose its next action, another
+    /// search or a tool call included. Unset: the protocol's default, `<answer>`.
+    #[arg(long)]
+    pub after_observation_prefill: Option<String>,
     /// The resident memory a run may reach, in MiB, before its round is stopped: the serving
     /// engine's cached prefixes, the gate's two evaluation engines and the trainer live in one
     /// process (a CPU round of 8 × 4 episodes reached 8 GiB).
@@ -160,6 +165,10 @@ pub async fn run(args: LearnArgs, device: Option<Device>) -> anyhow::Result<()> 
     // Serving and evaluation are greedy, so every held-out score is the model's own answer.
     base.agent.sampling.temperature = 0.0;
     base.agent.rewards.tool_choice = args.tool_reward;
+    if let Some(prefill) = &args.after_observation_prefill {
+        base.agent.protocol.after_observation_prefill =
+            Some(prefill.clone()).filter(|p| !p.is_empty());
+    }
     let unseen = if args.generalization > 0 {
         let dir = args.workdir.join("unseen");
         let path = prepare_workdir(
@@ -551,14 +560,17 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     let mut md = format!(
         "Held-out EM of the served model after each round: mean over seeds (min–max). \
          lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
-         tool reward {}, dynamic sampling {}.\n\n",
+         tool reward {}, dynamic sampling {}, after an observation the turn starts with {:?}.\n\n",
         args.lr,
         args.epochs,
         args.prompts,
         args.group_size,
         args.rollout_temperature,
         args.tool_reward,
-        args.dynamic_sampling
+        args.dynamic_sampling,
+        args.after_observation_prefill
+            .as_deref()
+            .unwrap_or("<answer>")
     );
     md.push_str("| arm | seeds | round 0 (base) |");
     for r in 1..=args.rounds {
