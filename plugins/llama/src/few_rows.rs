@@ -2,12 +2,12 @@
 //! whole cost: every weight row is read once and multiplied with all rows of `x` while it is in
 //! the cache.
 //!
-//! The weights come either as dense f32 rows or as the GGUF file's own 4- and 8-bit blocks
-//! ([`BlockRows`]), which a step reads at a sixth (Q4_1) or a quarter (Q8_0) of the bytes and
-//! dequantizes row by row into the very f32 values the dense copy holds. The dot products then
-//! run the same code in the same order on the same values, so a projection gives bit-identical
-//! results from either source: the block copy is a faster way to read the f32 model, not
-//! another model.
+//! The weights come either as dense f32 rows or as the GGUF file's own Q4_1 and Q8_0 values
+//! ([`BlockRows`]), one byte each plus their blocks' scales: a step reads under a third of the
+//! bytes, and the products are the dense copy's up to the order of summation. The blocks are a
+//! faster way to read the f32 model, not another model. In either form a row's result does not
+//! depend on the other rows it is computed with, so a sequence decodes the same alone or in a
+//! batch.
 
 use candle_core::{
     Device, Tensor,

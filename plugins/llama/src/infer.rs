@@ -109,7 +109,7 @@ impl WeightsEncoding {
 enum Projection {
     /// Dense weights `(out, in)`, and on the CPU the file's own blocks of the same values
     /// when it stores them in an encoding [`BlockRows`] reads: a decoding step reads those,
-    /// a fraction of the bytes, and gets the same products.
+    /// a fraction of the bytes, and gets the same products up to the order of summation.
     Dense {
         weight: Tensor,
         blocks: Option<BlockRows>,
