@@ -26,8 +26,8 @@ pub struct LlamaServer {
 }
 
 impl LlamaServer {
-    /// Starts `binary` on `model` with `threads` threads and `parallel` slots of `context`
-    /// tokens each, and waits until it answers its health check.
+    /// Starts `binary` on `model` with `threads` threads and `parallel` slots of 2,048 tokens
+    /// each (the context our engines serve), and waits until it answers its health check.
     pub fn start(binary: &Path, model: &Path, threads: usize, parallel: usize) -> Self {
         let port = free_port();
         let context = 2048;
