@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use searchloop_core::{Agent, Device, PolicySlot};
+use searchloop_core::{Agent, Device, PolicySlot, ProtocolConfig};
 use searchloop_demo::{
     plot::{Panel, Series, draw_panels},
     retail::{GeneratorConfig, Vocabulary},
@@ -569,8 +569,9 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
         args.tool_reward,
         args.dynamic_sampling,
         args.after_observation_prefill
-            .as_deref()
-            .unwrap_or("<answer>")
+            .clone()
+            .or(ProtocolConfig::default().after_observation_prefill)
+            .unwrap_or_default()
     );
     md.push_str("| arm | seeds | round 0 (base) |");
     for r in 1..=args.rounds {

@@ -99,8 +99,8 @@ async fn measure(
     reference: &[Trajectory],
 ) -> (EngineFigures, Vec<Trajectory>) {
     let mut ws = Workspace::new(600);
-    // The peer keeps its server for as long as the runtime serves through it.
-    let mut _server = None;
+    // The peer's server lives as long as the runtime serves through it.
+    let mut server = None;
     let loader: Arc<dyn PolicyLoader> = match served {
         Served::Own(engine) => {
             ws.config.model.engine = *engine;
@@ -109,13 +109,13 @@ async fn measure(
         Served::LlamaServer(parallel) => {
             let binary = peer::binary(&arg("--llama-server", ""));
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let server =
+            let started =
                 peer::LlamaServer::start(&binary, &common::model_path(), threads, *parallel);
             let loader = peer::LlamaServerLoader {
                 section: ws.config.model.clone(),
-                url: server.url.clone(),
+                url: started.url.clone(),
             };
-            _server = Some(server);
+            server = Some(started);
             Arc::new(loader)
         }
     };
@@ -144,11 +144,11 @@ async fn measure(
         let t = Instant::now();
         let trajectory = runtime.run(ws.request(q, i as u64)).await.unwrap();
         single.push(t.elapsed().as_secs_f64());
-        prompt += trajectory.tokens_of(SegmentKind::Prompt).len();
-        generated += trajectory.tokens_of(SegmentKind::Model).len();
-        inserted += trajectory.tokens.len()
-            - trajectory.tokens_of(SegmentKind::Prompt).len()
-            - trajectory.tokens_of(SegmentKind::Model).len();
+        let prompted = trajectory.tokens_of(SegmentKind::Prompt).len();
+        let sampled = trajectory.tokens_of(SegmentKind::Model).len();
+        prompt += prompted;
+        generated += sampled;
+        inserted += trajectory.tokens.len() - prompted - sampled;
         turns += trajectory.turns;
         trajectories.push(trajectory);
     }
@@ -191,7 +191,7 @@ async fn measure(
     );
     // The same token work as the first engine's episodes, when this is the peer and there is
     // a first engine: sampling differs between engines, so their own episodes differ in length.
-    let replayed_single_mean_s = match (&_server, reference.is_empty()) {
+    let replayed_single_mean_s = match (&server, reference.is_empty()) {
         (Some(server), false) => {
             let mut seconds = 0.0;
             for trajectory in reference {

@@ -48,7 +48,7 @@ fn split(x: &[f32]) -> (&[[Chunk; CHAINS]], &[Chunk], &[f32]) {
 
 /// `acc[c] += x[c] · w[c]` for each chain, as fused multiply-adds on eight lanes.
 #[inline(always)]
-fn group_fma(acc: &mut [f32x8; CHAINS], x: &[[f32; 8]; CHAINS], w: &[f32x8; CHAINS]) {
+fn group_fma(acc: &mut [f32x8; CHAINS], x: &[Chunk; CHAINS], w: &[f32x8; CHAINS]) {
     for c in 0..CHAINS {
         acc[c] = f32x8::new(x[c]).mul_add(w[c], acc[c]);
     }
@@ -62,8 +62,8 @@ fn group_fma(acc: &mut [f32x8; CHAINS], x: &[[f32; 8]; CHAINS], w: &[f32x8; CHAI
 #[inline(always)]
 fn finish(
     mut acc: [f32x8; CHAINS],
-    (x_rest, x_tail): (&[[f32; 8]], &[f32]),
-    (w_rest, w_tail): (&[[f32; 8]], &[f32]),
+    (x_rest, x_tail): (&[Chunk], &[f32]),
+    (w_rest, w_tail): (&[Chunk], &[f32]),
 ) -> f32 {
     for (chain, (xv, wv)) in acc.iter_mut().zip(x_rest.iter().zip(w_rest)) {
         *chain = f32x8::new(*xv).mul_add(f32x8::new(*wv), *chain);
@@ -391,10 +391,10 @@ impl<V: Copy + Into<f32> + Sync> BlockProduct<'_, V> {
 
     /// `offset_b · Σ x` over the blocks of row `o` and input row `i`.
     fn offset_term(&self, o: usize, i: usize) -> f32 {
-        let nb = self.blocks_per_row();
         if self.rows.offsets.is_empty() {
             return 0.0;
         }
+        let nb = self.blocks_per_row();
         dot(
             &self.rows.offsets[o * nb..][..nb],
             &self.block_sums[i * nb..][..nb],

@@ -230,18 +230,10 @@ impl Loader<'_> {
         let mut blocks = Vec::with_capacity(parts.len());
         let mut biases = Vec::with_capacity(parts.len());
         for (name, bias) in parts {
-            let stored = self.file.qtensor(name)?;
-            weights.push(stored.dequantize(&Device::Cpu)?);
-            blocks.push(match self.device {
-                Device::Cpu => BlockRows::of(&stored)?,
-                _ => None,
-            });
-            biases.push(match bias {
-                Some(b) if self.file.has_tensor(b) => {
-                    Some(self.file.dense(b, &Device::Cpu, DType::F32)?)
-                }
-                _ => None,
-            });
+            let (weight, part_blocks) = self.dense_weight(name)?;
+            weights.push(weight);
+            blocks.push(part_blocks);
+            biases.push(self.bias(bias.as_deref())?);
         }
         let widths = weights
             .iter()
@@ -254,10 +246,10 @@ impl Loader<'_> {
                 .zip(&widths)
                 .map(|(b, &width)| match b {
                     Some(b) => Ok(b),
-                    None => Tensor::zeros(width, DType::F32, &Device::Cpu),
+                    None => Tensor::zeros(width, DType::F32, self.device),
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::cat(&filled, 0)?.to_device(self.device)?)
+            Some(Tensor::cat(&filled, 0)?)
         } else {
             None
         };
@@ -267,7 +259,7 @@ impl Loader<'_> {
             .and_then(BlockRows::joined);
         Ok(SameInput::Joined {
             projection: Projection::Dense {
-                weight: Tensor::cat(&weights, 0)?.to_device(self.device)?,
+                weight: Tensor::cat(&weights, 0)?,
                 blocks,
                 bias,
             },
@@ -275,26 +267,39 @@ impl Loader<'_> {
         })
     }
 
-    /// A weight matrix as a projection in the serving encoding.
-    fn projection(&mut self, name: &str, bias: Option<&str>) -> Result<Projection> {
-        let bias = match bias {
-            Some(b) if self.file.has_tensor(b) => Some(self.dense(b)?),
+    /// The bias `name` names, when the file has it.
+    fn bias(&mut self, name: Option<&str>) -> Result<Option<Tensor>> {
+        match name {
+            Some(b) if self.file.has_tensor(b) => Ok(Some(self.dense(b)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Matrix `name` dequantized to f32 on the serving device, and on the CPU its
+    /// [`BlockRows`] for decoding steps when the file stores it in blocks they read.
+    fn dense_weight(&mut self, name: &str) -> Result<(Tensor, Option<BlockRows>)> {
+        let stored = self.file.qtensor(name)?;
+        let weight = stored.dequantize(&Device::Cpu)?.to_device(self.device)?;
+        let blocks = match self.device {
+            Device::Cpu => BlockRows::of(&stored)?,
             _ => None,
         };
+        Ok((weight, blocks))
+    }
+
+    /// A weight matrix as a projection in the serving encoding.
+    fn projection(&mut self, name: &str, bias: Option<&str>) -> Result<Projection> {
+        let bias = self.bias(bias)?;
+        if self.encoding == WeightsEncoding::F32 {
+            let (weight, blocks) = self.dense_weight(name)?;
+            return Ok(Projection::Dense {
+                weight,
+                blocks,
+                bias,
+            });
+        }
         let stored = self.file.qtensor(name)?;
         let quantized = match self.encoding.reencoded_type() {
-            Some(GgmlDType::F32) => {
-                let weight = stored.dequantize(&Device::Cpu)?.to_device(self.device)?;
-                let blocks = match self.device {
-                    Device::Cpu => BlockRows::of(&stored)?,
-                    _ => None,
-                };
-                return Ok(Projection::Dense {
-                    weight,
-                    blocks,
-                    bias,
-                });
-            }
             Some(target) if stored.dtype() != target => {
                 let dense = stored.dequantize(&Device::Cpu)?;
                 QTensor::quantize_onto(&dense, target, self.device)?
@@ -441,14 +446,14 @@ impl ServingModel {
         let eps = c.rms_eps as f32;
         for (index, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let [q, k, v] = three(layer.qkv.forward(&h)?)?;
+            let [q, k, v] = outputs(layer.qkv.forward(&h)?)?;
             let q = (self.rope(&q, c.n_head, &cos, &sin)? * scale)?;
             let k = self.rope(&k, c.n_kv_head, &cos, &sin)?;
             kv.append(index, &k, &v.contiguous()?, plan)?;
             let attended = kv.attend(index, &q, plan)?;
             x = (x + layer.o.forward(&attended)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let [gate, up] = two(layer.gate_up.forward(&h)?)?;
+            let [gate, up] = outputs(layer.gate_up.forward(&h)?)?;
             let mlp = (gate.silu()? * up)?;
             x = (x + layer.down.forward(&mlp)?)?;
         }
@@ -493,16 +498,10 @@ impl ServingModel {
     }
 }
 
-/// The three outputs of a [`SameInput`] of three parts.
-fn three(parts: Vec<Tensor>) -> Result<[Tensor; 3]> {
-    <[Tensor; 3]>::try_from(parts)
-        .map_err(|p| LlamaError::Config(format!("three projections expected, {} found", p.len())))
-}
-
-/// The two outputs of a [`SameInput`] of two parts.
-fn two(parts: Vec<Tensor>) -> Result<[Tensor; 2]> {
-    <[Tensor; 2]>::try_from(parts)
-        .map_err(|p| LlamaError::Config(format!("two projections expected, {} found", p.len())))
+/// The `N` outputs of a [`SameInput`] of `N` parts.
+fn outputs<const N: usize>(parts: Vec<Tensor>) -> Result<[Tensor; N]> {
+    <[Tensor; N]>::try_from(parts)
+        .map_err(|p| LlamaError::Config(format!("{N} projections expected, {} found", p.len())))
 }
 
 /// The tokens of one forward step, flattened: token `i` is `ids[i]` at `positions[i]` of the

@@ -141,16 +141,14 @@ impl AdapterLocator {
             return Ok(registered);
         }
         let base = (fleet.base_model)()?;
-        let fetched = match self
-            .base_hash
-            .get_or_try_init(|| learn::base_model_hash(&base))
-            .await
-        {
-            Ok(base_hash) => {
-                learn::fetch_adapter(&self.store, record, &base, base_hash, &fleet.cache_dir).await
-            }
-            Err(e) => Err(e),
-        };
+        let fetched = async {
+            let base_hash = self
+                .base_hash
+                .get_or_try_init(|| learn::base_model_hash(&base))
+                .await?;
+            learn::fetch_adapter(&self.store, record, &base, base_hash, &fleet.cache_dir).await
+        }
+        .await;
         match fetched {
             Ok(Some(folder)) => Ok(folder),
             // Registered by path alone: its path is the only place it can be.
