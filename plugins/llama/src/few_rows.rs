@@ -103,17 +103,19 @@ fn dot2(x0: &[f32], x1: &[f32], w: &[f32]) -> [f32; 2] {
     ]
 }
 
+/// Input rows a weight row is multiplied with at once, where reading and converting the weight
+/// row once for all of them pays: the block kernel converts each value to a float once for
+/// [`WIDEST`] rows. Products come in runs of this many rows, then two, then one.
+const WIDEST: usize = 4;
+
 /// One product `x @ W^T` in progress: the rows of `x` and where `W` comes from.
 trait RowProducts: Sync {
     /// Output features (rows of `W`).
     fn rows(&self) -> usize;
 
-    /// Row `o` of `W` times row `i` of `x`.
-    fn one(&self, o: usize, i: usize) -> f32;
-
-    /// Row `o` of `W` times rows `i` and `i + 1` of `x`, each exactly as [`Self::one`]
-    /// computes it, sharing the reads of the weight row.
-    fn two(&self, o: usize, i: usize) -> [f32; 2];
+    /// Row `o` of `W` times rows `i..i + N` of `x` (`N` is 1, 2 or [`WIDEST`]), each row
+    /// exactly as it is computed alone, sharing the reads of the weight row.
+    fn products<const N: usize>(&self, o: usize, i: usize) -> [f32; N];
 }
 
 /// `(m, n)` row-major, parallel over blocks of weight rows.
@@ -126,12 +128,17 @@ fn product(m: usize, weight: &impl RowProducts) -> Vec<f32> {
         .for_each(|(task, block)| {
             for (j, out) in block.chunks_mut(m).enumerate() {
                 let o = task * WEIGHT_ROWS_PER_TASK + j;
-                let (pairs, last) = out.as_chunks_mut::<2>();
+                let (runs, rest) = out.as_chunks_mut::<WIDEST>();
+                for (r, run) in runs.iter_mut().enumerate() {
+                    *run = weight.products::<WIDEST>(o, WIDEST * r);
+                }
+                let start = WIDEST * runs.len();
+                let (pairs, last) = rest.as_chunks_mut::<2>();
                 for (p, pair) in pairs.iter_mut().enumerate() {
-                    *pair = weight.two(o, 2 * p);
+                    *pair = weight.products::<2>(o, start + 2 * p);
                 }
                 if let [y] = last {
-                    *y = weight.one(o, m - 1);
+                    *y = weight.products::<1>(o, m - 1)[0];
                 }
             }
         });
@@ -167,12 +174,19 @@ impl RowProducts for DenseProduct<'_> {
         self.rows
     }
 
-    fn one(&self, o: usize, i: usize) -> f32 {
-        dot(self.x(i), self.w(o))
-    }
-
-    fn two(&self, o: usize, i: usize) -> [f32; 2] {
-        dot2(self.x(i), self.x(i + 1), self.w(o))
+    fn products<const N: usize>(&self, o: usize, i: usize) -> [f32; N] {
+        // Four rows' chains would not fit the vector registers, so a dense run is taken in
+        // pairs; each row's operations are the same either way.
+        let w = self.w(o);
+        let mut out = [0f32; N];
+        let (pairs, last) = out.as_chunks_mut::<2>();
+        for (p, pair) in pairs.iter_mut().enumerate() {
+            *pair = dot2(self.x(i + 2 * p), self.x(i + 2 * p + 1), w);
+        }
+        if let [y] = last {
+            *y = dot(self.x(i + N - 1), w);
+        }
+        out
     }
 }
 
@@ -415,15 +429,11 @@ impl<V: Copy + Into<f32> + Sync> RowProducts for BlockProduct<'_, V> {
         self.rows.rows
     }
 
-    fn one(&self, o: usize, i: usize) -> f32 {
+    fn products<const N: usize>(&self, o: usize, i: usize) -> [f32; N] {
         let (values, scales) = self.row(o);
-        scaled_blocks_dot(values, scales, self.x(i)) + self.offset_term(o, i)
-    }
-
-    fn two(&self, o: usize, i: usize) -> [f32; 2] {
-        let (values, scales) = self.row(o);
-        let [a, b] = scaled_blocks_dot2(values, scales, self.x(i), self.x(i + 1));
-        [a + self.offset_term(o, i), b + self.offset_term(o, i + 1)]
+        let sums: [f32; N] =
+            scaled_blocks_dots(values, scales, std::array::from_fn(|r| self.x(i + r)));
+        std::array::from_fn(|r| sums[r] + self.offset_term(o, i + r))
     }
 }
 
@@ -437,49 +447,39 @@ fn lanes_of<V: Copy + Into<f32>>(values: &[V; 8]) -> f32x8 {
     f32x8::new(lanes)
 }
 
-/// `Σ_b scale_b · Σ_j value_bj · x_bj` over whole blocks: per block one chain of four
-/// multiply-adds on eight lanes, then one multiply-add by the block's scale into the running
-/// sum, whose lanes are summed in order at the end.
+/// `Σ_b scale_b · Σ_j value_bj · x_bj` over whole blocks, for each of `N` input rows: per
+/// block and row one chain of four multiply-adds on eight lanes, then one multiply-add by the
+/// block's scale into the row's running sum, whose lanes are summed in order at the end. The
+/// values are converted to floats once for all rows, and a row's operations do not depend on
+/// `N`.
 #[inline(never)]
-fn scaled_blocks_dot<V: Copy + Into<f32>>(values: &[V], scales: &[f32], x: &[f32]) -> f32 {
-    let (vb, _) = values.as_chunks::<8>().0.as_chunks::<4>();
-    let (xb, _) = x.as_chunks::<8>().0.as_chunks::<4>();
-    let mut acc = f32x8::ZERO;
-    for ((v, xs), &scale) in vb.iter().zip(xb).zip(scales) {
-        let mut block = f32x8::ZERO;
-        for c in 0..4 {
-            block = lanes_of(&v[c]).mul_add(f32x8::new(xs[c]), block);
-        }
-        acc = block.mul_add(f32x8::splat(scale), acc);
-    }
-    acc.to_array().iter().sum()
-}
-
-/// [`scaled_blocks_dot`] of one weight row with two input rows, each computed exactly as
-/// alone, converting the values once.
-#[inline(never)]
-fn scaled_blocks_dot2<V: Copy + Into<f32>>(
+fn scaled_blocks_dots<V: Copy + Into<f32>, const N: usize>(
     values: &[V],
     scales: &[f32],
-    x0: &[f32],
-    x1: &[f32],
-) -> [f32; 2] {
+    xs: [&[f32]; N],
+) -> [f32; N] {
     let (vb, _) = values.as_chunks::<8>().0.as_chunks::<4>();
-    let (b0, _) = x0.as_chunks::<8>().0.as_chunks::<4>();
-    let (b1, _) = x1.as_chunks::<8>().0.as_chunks::<4>();
-    let (mut acc0, mut acc1) = (f32x8::ZERO, f32x8::ZERO);
-    for (((v, xs0), xs1), &scale) in vb.iter().zip(b0).zip(b1).zip(scales) {
-        let (mut block0, mut block1) = (f32x8::ZERO, f32x8::ZERO);
+    let xb = xs.map(|x| x.as_chunks::<8>().0.as_chunks::<4>().0);
+    // The shortest length bounds every index below, so the loop runs without bounds checks.
+    let blocks = xb
+        .iter()
+        .fold(vb.len().min(scales.len()), |n, x| n.min(x.len()));
+    let mut acc = [f32x8::ZERO; N];
+    for b in 0..blocks {
+        let (v, scale) = (&vb[b], scales[b]);
+        let mut block = [f32x8::ZERO; N];
         for c in 0..4 {
             let lanes = lanes_of(&v[c]);
-            block0 = lanes.mul_add(f32x8::new(xs0[c]), block0);
-            block1 = lanes.mul_add(f32x8::new(xs1[c]), block1);
+            for r in 0..N {
+                block[r] = lanes.mul_add(f32x8::new(xb[r][b][c]), block[r]);
+            }
         }
         let scale = f32x8::splat(scale);
-        acc0 = block0.mul_add(scale, acc0);
-        acc1 = block1.mul_add(scale, acc1);
+        for r in 0..N {
+            acc[r] = block[r].mul_add(scale, acc[r]);
+        }
     }
-    [acc0.to_array().iter().sum(), acc1.to_array().iter().sum()]
+    acc.map(|a| a.to_array().iter().sum())
 }
 
 #[cfg(test)]
@@ -488,12 +488,13 @@ mod tests {
 
     use super::*;
 
-    /// A weight matrix in `dtype`, its dense dequantization, and a few input rows.
+    /// A weight matrix in `dtype`, its dense dequantization, and seven input rows (a run of
+    /// four, a pair and a single row in the kernel).
     fn fixture(dtype: GgmlDType, rows: usize, cols: usize) -> (QTensor, Tensor, Tensor) {
         let dense = Tensor::randn(0f32, 0.05, (rows, cols), &Device::Cpu).unwrap();
         let stored = QTensor::quantize(&dense, dtype).unwrap();
         let dequantized = stored.dequantize(&Device::Cpu).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (5, cols), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (7, cols), &Device::Cpu).unwrap();
         (stored, dequantized, x)
     }
 

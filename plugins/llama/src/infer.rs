@@ -25,6 +25,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use wide::f32x8;
 
 use crate::{
     error::{LlamaError, Result},
@@ -942,29 +943,93 @@ impl KvCache {
             );
         }
         let mut out = vec![0f32; n * width];
-        out.par_chunks_mut(d).enumerate().for_each_init(
-            Vec::new,
-            |scores: &mut Vec<f32>, (row, o)| {
-                let (token, head) = (row / self.n_head, row % self.n_head);
+        let by_rows = |token: usize| plan.runs[plan.run_of[token]].count < MATMUL_ATTENTION_RUN;
+        let row_tokens = (0..n).filter(|&token| by_rows(token)).count();
+        // A task takes the `rep` query heads of a token that share a key-value head, so each
+        // cached key and value is read once for all of them while it is in the cache (at a
+        // 600-token context a layer's keys and values outgrow it). With too few tokens for the
+        // threads to share such tasks, a task takes one head. Either way a head's result is the
+        // same operations in the same order.
+        let heads_per_task = if row_tokens * self.n_kv_head >= 2 * rayon::current_num_threads() {
+            rep
+        } else {
+            1
+        };
+        let tasks_per_token = self.n_head / heads_per_task;
+        out.par_chunks_mut(heads_per_task * d)
+            .enumerate()
+            .for_each_init(AttentionScratch::default, |scratch, (task, out)| {
+                let (token, first_head) = (
+                    task / tasks_per_token,
+                    (task % tasks_per_token) * heads_per_task,
+                );
+                if !by_rows(token) {
+                    return;
+                }
                 let slot = slots[plan.run_of[token]];
-                let (keys, values) = (&slot.k[layer], &slot.v[layer]);
-                let offset = (head / rep) * d;
-                let query = &queries[token * width + head * d..][..d];
-                let visible = plan.positions[token] + 1;
-                scores.clear();
-                scores.extend((0..visible).map(|j| dot(query, &keys[j * kv_dim + offset..][..d])));
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                for (j, &weight) in scores.iter().enumerate() {
-                    axpy(o, weight / total, &values[j * kv_dim + offset..][..d]);
-                }
-            },
-        );
+                let offset = (first_head / rep) * d;
+                scratch.attend(
+                    &queries[token * width + first_head * d..][..heads_per_task * d],
+                    KvRows {
+                        keys: &slot.k[layer],
+                        values: &slot.v[layer],
+                        offset,
+                        stride: kv_dim,
+                        width: d,
+                        visible: plan.positions[token] + 1,
+                    },
+                    out,
+                );
+            });
+        for (run, slot) in plan.runs.iter().zip(&slots) {
+            if run.count >= MATMUL_ATTENTION_RUN {
+                let rows = |cache: &[f32]| -> Result<Tensor> {
+                    let visible = run.start + run.count;
+                    let rows = cache.get(..visible * kv_dim).ok_or_else(|| {
+                        LlamaError::InvalidInput(format!(
+                            "slot {} holds fewer than the {visible} tokens a run attends over",
+                            run.slot.0
+                        ))
+                    })?;
+                    Ok(Tensor::from_slice(rows, (visible, kv_dim), &Device::Cpu)?)
+                };
+                let (keys, values) = (rows(&slot.k[layer])?, rows(&slot.v[layer])?);
+                let attended = self.attend_run(q, run, &keys, &values)?;
+                out[run.first * width..][..run.count * width]
+                    .copy_from_slice(&attended.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
         Ok(Tensor::from_vec(out, (n, width), q.device())?)
+    }
+
+    /// Attention of one run of a sequence's tokens `(count, n_head * head_dim)` over the keys
+    /// and values `(start + count, kv_dim)` of its slot, as matrix products of the run's
+    /// queries with the keys and of the causal softmax with the values, per key-value head.
+    fn attend_run(&self, q: &Tensor, run: &Run, keys: &Tensor, values: &Tensor) -> Result<Tensor> {
+        let (nkv, hd, t) = (self.n_kv_head, self.head_dim, run.count);
+        let rep = self.n_head / nkv;
+        let visible = run.start + t;
+        let heads_first = |rows: &Tensor| -> Result<Tensor> {
+            Ok(rows
+                .reshape((visible, nkv, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (k, v) = (heads_first(keys)?, heads_first(values)?);
+        // Rows ordered (key-value head, query head of the group, token).
+        let q = q
+            .narrow(0, run.first, t)?
+            .reshape((t, nkv, rep, hd))?
+            .permute((1, 2, 0, 3))?
+            .contiguous()?
+            .reshape((nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.transpose(1, 2)?)?;
+        let weights = causal_softmax(&scores, run)?;
+        Ok(weights
+            .matmul(&v)?
+            .reshape((nkv, rep, t, hd))?
+            .permute((2, 0, 1, 3))?
+            .reshape((t, self.n_head * hd))?)
     }
 
     fn attend_device(
@@ -1014,41 +1079,15 @@ impl KvCache {
             parts.push((tokens, weights.matmul(&v)?.reshape((b, width))?));
         }
         for run in plan.runs.iter().filter(|r| r.count > 1) {
-            let t = run.count;
-            let visible = run.start + t;
-            let base = run.slot.0 * d.capacity;
-            let slice = |cache: &Tensor| -> Result<Tensor> {
-                Ok(cache
-                    .narrow(0, base, visible)?
-                    .reshape((visible, nkv, hd))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let (k, v) = (slice(keys)?, slice(values)?);
-            let q = q
-                .narrow(0, run.first, t)?
-                .reshape((t, nkv, rep, hd))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?
-                .reshape((nkv, rep * t, hd))?;
-            let mut mask = Vec::with_capacity(rep * t * visible);
-            for _ in 0..rep {
-                for i in 0..t {
-                    let last = run.start + i;
-                    mask.extend(
-                        (0..visible).map(|j| if j <= last { 0f32 } else { f32::NEG_INFINITY }),
-                    );
-                }
-            }
-            let mask = Tensor::from_vec(mask, (1, rep * t, visible), &d.device)?;
-            let scores = q.matmul(&k.transpose(1, 2)?)?.broadcast_add(&mask)?;
-            let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = weights
-                .matmul(&v)?
-                .reshape((nkv, rep, t, hd))?
-                .permute((2, 0, 1, 3))?
-                .reshape((t, width))?;
-            parts.push(((run.first..run.first + t).map(|i| i as u32).collect(), out));
+            let rows =
+                |cache: &Tensor| cache.narrow(0, run.slot.0 * d.capacity, run.start + run.count);
+            let out = self.attend_run(q, run, &rows(keys)?, &rows(values)?)?;
+            parts.push((
+                (run.first..run.first + run.count)
+                    .map(|i| i as u32)
+                    .collect(),
+                out,
+            ));
         }
         // Back into batch order.
         let mut order = vec![0u32; n];
@@ -1062,6 +1101,141 @@ impl KvCache {
         let stacked = Tensor::cat(&parts.iter().map(|(_, t)| t).collect::<Vec<_>>(), 0)?;
         Ok(stacked.index_select(&Tensor::from_vec(order, n, &d.device)?, 0)?)
     }
+}
+
+/// Runs of at least this many tokens (prompts, observations) attend through matrix products
+/// on the CPU: every token of a run reads the same keys, which a matrix product reads once
+/// per block of tokens at its full rate, where the per-token path reads them per token.
+/// Decoding steps (runs of one token) keep the per-token path, whose result for a sequence
+/// does not depend on the others in its batch.
+const MATMUL_ATTENTION_RUN: usize = 8;
+
+/// The cached keys and values one group of query heads attends over: rows of `stride`
+/// floats, of which this key-value head's are `offset..offset + width`.
+struct KvRows<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    offset: usize,
+    stride: usize,
+    width: usize,
+    /// Positions the query sees: its own and every earlier one.
+    visible: usize,
+}
+
+impl KvRows<'_> {
+    fn key(&self, j: usize) -> &[f32] {
+        &self.keys[j * self.stride + self.offset..][..self.width]
+    }
+
+    fn value(&self, j: usize) -> &[f32] {
+        &self.values[j * self.stride + self.offset..][..self.width]
+    }
+}
+
+/// A host attention task's buffers, kept across the tasks a thread runs.
+#[derive(Default)]
+struct AttentionScratch {
+    /// Each head's scores, one row of `visible` per head.
+    scores: Vec<f32>,
+    /// Each head's softmax denominator.
+    totals: Vec<f32>,
+}
+
+impl AttentionScratch {
+    /// Softmax attention of the heads in `queries` (rows of `kv.width`, scaled) over `kv`,
+    /// added into `out`. Each cached key and value is read once for all the heads; a head's
+    /// result does not depend on which other heads it is computed with.
+    fn attend(&mut self, queries: &[f32], kv: KvRows<'_>, out: &mut [f32]) {
+        let (d, visible) = (kv.width, kv.visible);
+        self.scores.clear();
+        self.scores.resize(queries.len() / d * visible, 0.0);
+        for j in 0..visible {
+            let key = kv.key(j);
+            for (h, query) in queries.chunks_exact(d).enumerate() {
+                self.scores[h * visible + j] = dot(query, key);
+            }
+        }
+        self.totals.clear();
+        self.totals.extend(
+            self.scores
+                .chunks_exact_mut(visible)
+                .map(exp_shifted_in_place),
+        );
+        for j in 0..visible {
+            let value = kv.value(j);
+            for (h, head_out) in out.chunks_exact_mut(d).enumerate() {
+                axpy(
+                    head_out,
+                    self.scores[h * visible + j] / self.totals[h],
+                    value,
+                );
+            }
+        }
+    }
+}
+
+/// The softmax of each row of `scores` `(kv heads, rep * count, visible)` of a run over the
+/// positions its token sees (its own and earlier ones), 0 past them. On the CPU it runs on the
+/// rows in place with the vectorized exponential; elsewhere as a masked tensor softmax.
+fn causal_softmax(scores: &Tensor, run: &Run) -> Result<Tensor> {
+    let (nkv, rows, visible) = scores.dims3()?;
+    // Row `r` of a head belongs to token `r % count` of the run, at position `start + r % count`.
+    let seen = |row: usize| run.start + row % run.count + 1;
+    if scores.device().is_cpu() {
+        let mut weights = scores.flatten_all()?.to_vec1::<f32>()?;
+        weights
+            .par_chunks_mut(visible)
+            .enumerate()
+            .for_each(|(row, row_scores)| {
+                let (seen_scores, unseen) = row_scores.split_at_mut(seen(row));
+                let total = exp_shifted_in_place(seen_scores);
+                seen_scores.iter_mut().for_each(|w| *w /= total);
+                unseen.fill(0.0);
+            });
+        return Ok(Tensor::from_vec(
+            weights,
+            (nkv, rows, visible),
+            &Device::Cpu,
+        )?);
+    }
+    let mask: Vec<f32> = (0..rows)
+        .flat_map(|row| {
+            (0..visible).map(move |j| {
+                if j < seen(row) {
+                    0f32
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, rows, visible), scores.device())?;
+    Ok(candle_nn::ops::softmax_last_dim(
+        &scores.broadcast_add(&mask)?,
+    )?)
+}
+
+/// Replaces each score `s` with `exp(s - max)` and returns their sum: the softmax's
+/// numerators and denominator, eight lanes at a time (the last lanes padded with scores of
+/// minus infinity, whose exponential is 0), so every score takes the same exponential.
+fn exp_shifted_in_place(scores: &mut [f32]) -> f32 {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let shift = f32x8::splat(max);
+    let mut total = f32x8::ZERO;
+    let (chunks, tail) = scores.as_chunks_mut::<8>();
+    for chunk in chunks {
+        let e = (f32x8::new(*chunk) - shift).exp();
+        *chunk = e.to_array();
+        total += e;
+    }
+    if !tail.is_empty() {
+        let mut padded = [f32::NEG_INFINITY; 8];
+        padded[..tail.len()].copy_from_slice(tail);
+        let e = (f32x8::new(padded) - shift).exp();
+        tail.copy_from_slice(&e.to_array()[..tail.len()]);
+        total += e;
+    }
+    total.reduce_add()
 }
 
 fn free_slot(slot: SlotId) -> LlamaError {
@@ -1141,6 +1315,8 @@ mod tests {
             let (_dir, path, trainer) = tiny(architecture, 11);
             let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
             let ids = [3u32, 17, 42, 8, 8, 61, 0, 29, 5];
+            // The whole prompt attends by matrix products on the host, its tail token by token.
+            assert!(ids.len() >= MATMUL_ATTENTION_RUN && 4 < MATMUL_ATTENTION_RUN);
             let reference = trainer_logits(&trainer, &ids);
             for (name, mut kv) in caches(&model) {
                 let (_, last) = prefill(&model, &mut kv, &ids);
