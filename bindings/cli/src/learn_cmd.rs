@@ -78,6 +78,10 @@ pub struct LearnArgs {
     /// PPO epochs over each round's batch.
     #[arg(long, default_value_t = 2)]
     pub epochs: usize,
+    /// A curriculum by question kind: replay prompts only of these kinds, comma-separated
+    /// (single_hop, multi_hop, inventory, store_info; empty: every kind).
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_kinds: Vec<String>,
     /// Sampling temperature of replay episodes (serving and evaluation are greedy).
     #[arg(long, default_value_t = 1.0)]
     pub rollout_temperature: f32,
@@ -276,6 +280,7 @@ fn run_config(
     round.prompts_per_round = args.prompts;
     round.group_size = args.group_size;
     round.rollout_temperature = Some(args.rollout_temperature);
+    round.prompt_kinds = args.prompt_kinds.clone();
     round.dynamic_sampling = args.dynamic_sampling;
     round.seed = seed;
     round.lora.seed = seed;
@@ -560,7 +565,8 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     let mut md = format!(
         "Held-out EM of the served model after each round: mean over seeds (min–max). \
          lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
-         tool reward {}, dynamic sampling {}, after an observation the turn starts with {:?}.\n\n",
+         tool reward {}, dynamic sampling {}, after an observation the turn starts with {:?}, \
+         replay prompts of kinds {}.\n\n",
         args.lr,
         args.epochs,
         args.prompts,
@@ -571,7 +577,12 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
         args.after_observation_prefill
             .clone()
             .or(ProtocolConfig::default().after_observation_prefill)
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if args.prompt_kinds.is_empty() {
+            "all".to_string()
+        } else {
+            args.prompt_kinds.join(", ")
+        }
     );
     md.push_str("| arm | seeds | round 0 (base) |");
     for r in 1..=args.rounds {

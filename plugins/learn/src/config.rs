@@ -85,6 +85,10 @@ pub struct RoundConfig {
     /// `kind`, `split`), like the retail data set's `questions.jsonl`; lines whose `split` is
     /// `heldout` are never used. Absent: the train-split questions of logged episodes.
     pub prompts: Option<PathBuf>,
+    /// A curriculum by question kind: replay prompts are drawn only from questions of these
+    /// kinds (empty: every kind). A kind the model cannot yet answer at all gives groups
+    /// without spread, which carry no advantage.
+    pub prompt_kinds: Vec<String>,
     /// Sampling temperature of replay episodes; absent uses the serving agent's own, so the
     /// round trains the distribution that is served. The trainer always scores each episode
     /// at the temperature recorded with it.
@@ -130,6 +134,7 @@ impl Default for RoundConfig {
             source: GroupSource::Both,
             threads: 0,
             prompts: None,
+            prompt_kinds: Vec::new(),
             rollout_temperature: None,
             dynamic_sampling: false,
             max_prompt_draws: 0,

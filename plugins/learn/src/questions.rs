@@ -222,6 +222,24 @@ pub fn pick_prompts(prompts: &[Question], n: usize, round: u64, seed: u64) -> Ve
         .collect()
 }
 
+/// The prompts whose kind is one of `kinds` (all of them when `kinds` is empty). Prompts
+/// there are but none of those kinds is an error naming the kinds, not a round without groups.
+pub fn of_kinds(prompts: Vec<Question>, kinds: &[String]) -> Result<Vec<Question>> {
+    if kinds.is_empty() || prompts.is_empty() {
+        return Ok(prompts);
+    }
+    let kept: Vec<Question> = prompts
+        .into_iter()
+        .filter(|q| kinds.contains(&q.kind))
+        .collect();
+    if kept.is_empty() {
+        return Err(LearnError::Config(format!(
+            "prompt_kinds {kinds:?}: no train-split prompt is of these kinds"
+        )));
+    }
+    Ok(kept)
+}
+
 fn gcd(a: usize, b: usize) -> usize {
     if b == 0 { a } else { gcd(b, a % b) }
 }
@@ -263,6 +281,36 @@ mod tests {
             ["B?", "C?"]
         );
         assert_eq!(read_eval_items(&path, 1).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_kind_curriculum_keeps_only_those_kinds_and_refuses_an_empty_choice() {
+        let question = |id: &str, kind: &str| Question {
+            id: id.into(),
+            question: format!("{id}?"),
+            answers: vec!["a".into()],
+            kind: kind.into(),
+            tools: Vec::new(),
+        };
+        let prompts = vec![
+            question("q1", "single_hop"),
+            question("q2", "multi_hop"),
+            question("q3", "single_hop"),
+        ];
+        let all = of_kinds(prompts.clone(), &[]).unwrap();
+        assert_eq!(all, prompts);
+        let single = of_kinds(prompts.clone(), &["single_hop".into()]).unwrap();
+        assert_eq!(
+            single.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(),
+            ["q1", "q3"]
+        );
+        let err = of_kinds(prompts, &["inventory".into()]).unwrap_err();
+        assert!(err.to_string().contains("inventory"), "{err}");
+        assert!(
+            of_kinds(Vec::new(), &["inventory".into()])
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::{
     fetch::read_adapter_files,
     groups::{feedback_groups, replay_agent, replay_groups},
     metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
-    questions::{logged_train_prompts, pick_prompts, read_train_prompts},
+    questions::{logged_train_prompts, of_kinds, pick_prompts, read_train_prompts},
 };
 
 /// The merged model's file name inside an adapter's folder.
@@ -142,6 +142,7 @@ pub async fn run_round_observed(
             Some(path) => read_train_prompts(path)?,
             None => logged_train_prompts(ctx.store, usize::MAX).await?,
         };
+        let prompts = of_kinds(prompts, &config.prompt_kinds)?;
         let chosen = pick_prompts(&prompts, config.prompt_draws(), round, config.seed);
         if chosen.is_empty() {
             tracing::warn!("no train-split prompts: the round samples no replay groups");
