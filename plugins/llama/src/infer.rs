@@ -17,7 +17,7 @@
 //!   attends with batched tensor ops, decode tokens of all slots together over a padded, masked
 //!   gather, prompt segments each over their slot.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use candle_core::{
     DType, Device, Module, Tensor,
@@ -595,9 +595,85 @@ struct HostKv {
 
 #[derive(Debug)]
 struct HostSlot {
+    /// Tokens cached, shared ones included.
     len: usize,
+    /// Keys and values of the first positions, shared with the slots they were copied from or
+    /// into, and how many of its positions this slot uses. A group's samples and the prefix
+    /// cache entry they continue hold one copy of their prompt, so a decoding step of the group
+    /// reads it once from memory rather than once per sample.
+    shared: Option<(Arc<SharedRows>, usize)>,
+    /// Keys and values of the positions after the shared ones, per layer.
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
+}
+
+/// Keys and values of a run of first positions, per layer, never written again.
+#[derive(Debug)]
+struct SharedRows {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+}
+
+impl HostSlot {
+    fn shared_tokens(&self) -> usize {
+        self.shared.as_ref().map_or(0, |(_, tokens)| *tokens)
+    }
+
+    /// Drops the own rows of every layer past position `tokens`, which is not before the
+    /// shared ones (a step writes only after a slot's length).
+    fn truncate(&mut self, tokens: usize, kv_dim: usize) {
+        let keep = tokens.saturating_sub(self.shared_tokens()) * kv_dim;
+        self.k.iter_mut().for_each(|l| l.truncate(keep));
+        self.v.iter_mut().for_each(|l| l.truncate(keep));
+    }
+
+    /// Makes the first `n` positions shared rows, moving own rows into them where the shared
+    /// ones end before `n`, and returns them for another slot to use.
+    fn share(&mut self, n: usize, kv_dim: usize) -> Arc<SharedRows> {
+        let shared_tokens = self.shared_tokens();
+        if let Some((rows, _)) = &self.shared
+            && n <= shared_tokens
+        {
+            return Arc::clone(rows);
+        }
+        let moved = (n - shared_tokens) * kv_dim;
+        let join = |shared: Option<&Vec<f32>>, own: &mut Vec<f32>| {
+            let mut rows = Vec::with_capacity(n * kv_dim);
+            rows.extend_from_slice(shared.map_or(&[][..], |s| &s[..shared_tokens * kv_dim]));
+            rows.extend(own.drain(..moved));
+            rows
+        };
+        let before = self.shared.take().map(|(rows, _)| rows);
+        let rows = Arc::new(SharedRows {
+            k: (self.k.iter_mut().enumerate())
+                .map(|(layer, own)| join(before.as_ref().map(|b| &b.k[layer]), own))
+                .collect(),
+            v: (self.v.iter_mut().enumerate())
+                .map(|(layer, own)| join(before.as_ref().map(|b| &b.v[layer]), own))
+                .collect(),
+        });
+        self.shared = Some((Arc::clone(&rows), n));
+        rows
+    }
+
+    /// Layer `layer`'s cached keys and values, for queries that see `visible` positions.
+    fn rows(&self, layer: usize, kv_dim: usize, visible: usize) -> LayerRows<'_> {
+        let (shared_k, shared_v, tokens) = match &self.shared {
+            Some((rows, tokens)) => (
+                &rows.k[layer][..tokens * kv_dim],
+                &rows.v[layer][..tokens * kv_dim],
+                *tokens,
+            ),
+            None => (&[][..], &[][..], 0),
+        };
+        LayerRows {
+            shared: [shared_k, shared_v],
+            own: [&self.k[layer], &self.v[layer]],
+            shared_tokens: tokens,
+            stride: kv_dim,
+            visible,
+        }
+    }
 }
 
 /// One `(slots * capacity, kv_dim)` tensor per layer for keys and one for values.
@@ -684,6 +760,7 @@ impl KvCache {
             Storage::Host(h) => {
                 let slot = HostSlot {
                     len: 0,
+                    shared: None,
                     k: (0..h.layers)
                         .map(|_| Vec::with_capacity(tokens * self.kv_dim))
                         .collect(),
@@ -766,18 +843,11 @@ impl KvCache {
         let kv_dim = self.kv_dim;
         match &mut self.storage {
             Storage::Host(h) => {
-                let (k, v): (Vec<Vec<f32>>, Vec<Vec<f32>>) = {
-                    let source = h.slots[from.0].as_ref().ok_or_else(|| free_slot(from))?;
-                    (
-                        source.k.iter().map(|l| l[..n * kv_dim].to_vec()).collect(),
-                        source.v.iter().map(|l| l[..n * kv_dim].to_vec()).collect(),
-                    )
-                };
+                // The rows are shared, not copied: neither slot writes before its length again.
+                let source = h.slots[from.0].as_mut().ok_or_else(|| free_slot(from))?;
+                let rows = (n > 0).then(|| source.share(n, kv_dim));
                 let target = h.slots[to.0].as_mut().ok_or_else(|| free_slot(to))?;
-                for (layer, (k, v)) in k.into_iter().zip(v).enumerate() {
-                    target.k[layer].extend_from_slice(&k);
-                    target.v[layer].extend_from_slice(&v);
-                }
+                target.shared = rows.map(|rows| (rows, n));
                 target.len = n;
             }
             Storage::Device(d) => {
@@ -880,9 +950,7 @@ impl KvCache {
         if let Storage::Host(h) = &mut self.storage {
             for run in &plan.runs {
                 if let Some(Some(slot)) = h.slots.get_mut(run.slot.0) {
-                    let keep = slot.len * self.kv_dim;
-                    slot.k.iter_mut().for_each(|l| l.truncate(keep));
-                    slot.v.iter_mut().for_each(|l| l.truncate(keep));
+                    slot.truncate(slot.len, self.kv_dim);
                 }
             }
         }
@@ -899,8 +967,9 @@ impl KvCache {
                         .as_mut()
                         .ok_or_else(|| free_slot(run.slot))?;
                     let rows = run.first * kv_dim..(run.first + run.count) * kv_dim;
-                    slot.k[layer].truncate(run.start * kv_dim);
-                    slot.v[layer].truncate(run.start * kv_dim);
+                    let keep = (run.start - slot.shared_tokens()) * kv_dim;
+                    slot.k[layer].truncate(keep);
+                    slot.v[layer].truncate(keep);
                     slot.k[layer].extend_from_slice(&k[rows.clone()]);
                     slot.v[layer].extend_from_slice(&v[rows]);
                 }
@@ -967,33 +1036,18 @@ impl KvCache {
                     return;
                 }
                 let slot = slots[plan.run_of[token]];
-                let offset = (first_head / rep) * d;
                 scratch.attend(
                     &queries[token * width + first_head * d..][..heads_per_task * d],
-                    KvRows {
-                        keys: &slot.k[layer],
-                        values: &slot.v[layer],
-                        offset,
-                        stride: kv_dim,
-                        width: d,
-                        visible: plan.positions[token] + 1,
-                    },
+                    &slot
+                        .rows(layer, kv_dim, plan.positions[token] + 1)
+                        .head((first_head / rep) * d, d),
                     out,
                 );
             });
         for (run, slot) in plan.runs.iter().zip(&slots) {
             if run.count >= MATMUL_ATTENTION_RUN {
-                let rows = |cache: &[f32]| -> Result<Tensor> {
-                    let visible = run.start + run.count;
-                    let rows = cache.get(..visible * kv_dim).ok_or_else(|| {
-                        LlamaError::InvalidInput(format!(
-                            "slot {} holds fewer than the {visible} tokens a run attends over",
-                            run.slot.0
-                        ))
-                    })?;
-                    Ok(Tensor::from_slice(rows, (visible, kv_dim), &Device::Cpu)?)
-                };
-                let (keys, values) = (rows(&slot.k[layer])?, rows(&slot.v[layer])?);
+                let visible = run.start + run.count;
+                let [keys, values] = slot.rows(layer, kv_dim, visible).contiguous()?;
                 let attended = self.attend_run(q, run, &keys, &values)?;
                 out[run.first * width..][..run.count * width]
                     .copy_from_slice(&attended.flatten_all()?.to_vec1::<f32>()?);
@@ -1110,25 +1164,74 @@ impl KvCache {
 /// does not depend on the others in its batch.
 const MATMUL_ATTENTION_RUN: usize = 8;
 
-/// The cached keys and values one group of query heads attends over: rows of `stride`
-/// floats, of which this key-value head's are `offset..offset + width`.
-struct KvRows<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
-    offset: usize,
+/// One layer's cached keys and values of a host slot, rows of `stride` floats: the shared
+/// first positions, then the slot's own.
+struct LayerRows<'a> {
+    /// Keys, then values, of the shared positions.
+    shared: [&'a [f32]; 2],
+    /// Keys, then values, of the positions after them.
+    own: [&'a [f32]; 2],
+    shared_tokens: usize,
     stride: usize,
-    width: usize,
-    /// Positions the query sees: its own and every earlier one.
+    /// Positions the queries see: the first `visible` ones.
     visible: usize,
+}
+
+impl<'a> LayerRows<'a> {
+    /// Row `j` of the keys (`part` 0) or values (1).
+    fn row(&self, part: usize, j: usize) -> &'a [f32] {
+        if j < self.shared_tokens {
+            &self.shared[part][j * self.stride..][..self.stride]
+        } else {
+            &self.own[part][(j - self.shared_tokens) * self.stride..][..self.stride]
+        }
+    }
+
+    /// The keys and values of the visible positions as `(visible, stride)` tensors.
+    fn contiguous(&self) -> Result<[Tensor; 2]> {
+        let own_rows = self.visible.saturating_sub(self.shared_tokens);
+        if self.visible < self.shared_tokens || self.own[0].len() < own_rows * self.stride {
+            return Err(LlamaError::InvalidInput(format!(
+                "a slot holds fewer than the {} positions its queries see",
+                self.visible
+            )));
+        }
+        let part = |p: usize| -> Result<Tensor> {
+            let rows = [self.shared[p], &self.own[p][..own_rows * self.stride]].concat();
+            Ok(Tensor::from_vec(
+                rows,
+                (self.visible, self.stride),
+                &Device::Cpu,
+            )?)
+        };
+        Ok([part(0)?, part(1)?])
+    }
+
+    /// The view of one key-value head: floats `offset..offset + width` of each row.
+    fn head(self, offset: usize, width: usize) -> KvRows<'a> {
+        KvRows {
+            rows: self,
+            offset,
+            width,
+        }
+    }
+}
+
+/// The cached keys and values one group of query heads attends over: one key-value head's
+/// floats of each row.
+struct KvRows<'a> {
+    rows: LayerRows<'a>,
+    offset: usize,
+    width: usize,
 }
 
 impl KvRows<'_> {
     fn key(&self, j: usize) -> &[f32] {
-        &self.keys[j * self.stride + self.offset..][..self.width]
+        &self.rows.row(0, j)[self.offset..][..self.width]
     }
 
     fn value(&self, j: usize) -> &[f32] {
-        &self.values[j * self.stride + self.offset..][..self.width]
+        &self.rows.row(1, j)[self.offset..][..self.width]
     }
 }
 
@@ -1145,8 +1248,8 @@ impl AttentionScratch {
     /// Softmax attention of the heads in `queries` (rows of `kv.width`, scaled) over `kv`,
     /// added into `out`. Each cached key and value is read once for all the heads; a head's
     /// result does not depend on which other heads it is computed with.
-    fn attend(&mut self, queries: &[f32], kv: KvRows<'_>, out: &mut [f32]) {
-        let (d, visible) = (kv.width, kv.visible);
+    fn attend(&mut self, queries: &[f32], kv: &KvRows<'_>, out: &mut [f32]) {
+        let (d, visible) = (kv.width, kv.rows.visible);
         self.scores.clear();
         self.scores.resize(queries.len() / d * visible, 0.0);
         for j in 0..visible {
@@ -1386,6 +1489,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn slots_sharing_a_prefix_go_on_exactly_like_recomputed_ones() {
+        let (_dir, path, _) = tiny(Architecture::Llama, 16);
+        let model = ServingModel::load(&path, &cpu(), WeightsEncoding::F32).unwrap();
+        let mut kv = KvCache::host(model.config());
+        // The logits of `tokens` continuing `slot` at `position`, at the last token.
+        let step = |kv: &mut KvCache, slot: SlotId, position: usize, tokens: &[u32]| {
+            let mut batch = TokenBatch::default();
+            batch.push_run(slot, position, tokens);
+            model
+                .forward(&batch, kv, &[tokens.len() - 1])
+                .unwrap()
+                .remove(0)
+        };
+        let recomputed = |ids: &[u32]| prefill(&model, &mut KvCache::host(model.config()), ids).1;
+        let ids: Vec<u32> = (1..=8).collect();
+        let (a, _) = prefill(&model, &mut kv, &ids);
+        // B shares A's first five positions and goes on its own way.
+        let b = kv.allocate(32).unwrap();
+        kv.copy_prefix(a, b, 5).unwrap();
+        let b_own = [40u32, 41, 42];
+        let got = step(&mut kv, b, 5, &b_own);
+        assert!(max_diff(&got, &recomputed(&[&ids[..5], &b_own].concat())) < 1e-5);
+        // A, whose first five positions are now shared, goes on too.
+        let got = step(&mut kv, a, 8, &[50]);
+        assert!(max_diff(&got, &recomputed(&[&ids[..], &[50]].concat())) < 1e-5);
+        // C takes seven of B's positions, two past what B shares, then a run long enough to
+        // attend by matrix products.
+        let c = kv.allocate(32).unwrap();
+        kv.copy_prefix(b, c, 7).unwrap();
+        let c_own: Vec<u32> = (50..50 + MATMUL_ATTENTION_RUN as u32).collect();
+        let got = step(&mut kv, c, 7, &c_own);
+        let c_ids = [&ids[..5], &b_own[..2], &c_own].concat();
+        assert!(max_diff(&got, &recomputed(&c_ids)) < 1e-5);
+        // Releasing the slots they came from changes nothing for the others.
+        kv.release(a);
+        kv.release(b);
+        let got = step(&mut kv, c, c_ids.len(), &[33]);
+        assert!(max_diff(&got, &recomputed(&[&c_ids[..], &[33]].concat())) < 1e-5);
+        assert_eq!(kv.len(c), c_ids.len() + 1);
     }
 
     #[test]
