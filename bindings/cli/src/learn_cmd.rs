@@ -687,7 +687,8 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     }
     std::fs::write(out.join("learning.md"), &md)?;
     let panel = Panel {
-        title: "held-out EM of the served model (mean, band: min–max over seeds)".into(),
+        // Short enough for the 500-pixel panel at the caption's font size.
+        title: "held-out EM (mean; band: min–max over seeds)".into(),
         x_label: "round".into(),
         series,
     };
