@@ -619,10 +619,15 @@ impl HostSlot {
         self.shared.as_ref().map_or(0, |(_, tokens)| *tokens)
     }
 
-    /// Drops the own rows of every layer past position `tokens`, which is not before the
-    /// shared ones (a step writes only after a slot's length).
+    /// Floats of a layer's own rows that hold positions before `tokens`, which is not before
+    /// the shared ones (a step writes only after a slot's length).
+    fn own_floats(&self, tokens: usize, kv_dim: usize) -> usize {
+        tokens.saturating_sub(self.shared_tokens()) * kv_dim
+    }
+
+    /// Drops the own rows of every layer past position `tokens`.
     fn truncate(&mut self, tokens: usize, kv_dim: usize) {
-        let keep = tokens.saturating_sub(self.shared_tokens()) * kv_dim;
+        let keep = self.own_floats(tokens, kv_dim);
         self.k.iter_mut().for_each(|l| l.truncate(keep));
         self.v.iter_mut().for_each(|l| l.truncate(keep));
     }
@@ -967,7 +972,7 @@ impl KvCache {
                         .as_mut()
                         .ok_or_else(|| free_slot(run.slot))?;
                     let rows = run.first * kv_dim..(run.first + run.count) * kv_dim;
-                    let keep = (run.start - slot.shared_tokens()) * kv_dim;
+                    let keep = slot.own_floats(run.start, kv_dim);
                     slot.k[layer].truncate(keep);
                     slot.v[layer].truncate(keep);
                     slot.k[layer].extend_from_slice(&k[rows.clone()]);
