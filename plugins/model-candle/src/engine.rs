@@ -13,7 +13,8 @@
 //! later prompt starting with the same tokens (the system prompt; an episode's next turn, which
 //! extends the previous turn's prompt and completion) copies those keys and values instead of
 //! computing them. The copy continues exactly as a recomputation would (the model crate's
-//! tests check it).
+//! tests check it). A prompt that shares a longer prefix with one admitted before it and still
+//! being prefilled waits for those tokens and copies them, instead of computing them beside it.
 //!
 //! A request whose caller stopped waiting (its reply channel closed: a client hung up, a
 //! timeout fired) is dropped before the next step, so it costs at most one more step.
@@ -38,6 +39,10 @@ use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
 use crate::error::{CandleError, Result};
+
+/// Fewest prompt tokens an earlier group must share beyond the cached ones for a group to wait
+/// for it: waiting delays the group by at least a step, which a few tokens do not repay.
+const MIN_WAITED_PREFIX: usize = 16;
 
 /// One request: `seeds.len()` samples of `prompt`.
 pub(crate) struct Job {
@@ -88,6 +93,12 @@ pub(crate) struct Engine {
 /// An admitted request.
 struct Group {
     job: Job,
+    /// When the group was admitted (the engine's clock): a group only waits for prefixes of
+    /// groups admitted before it, so waiting never goes round in a circle.
+    admitted: u64,
+    /// Whether the group's first slot has taken the computed prefix of its prompt it will use
+    /// (from a cached sequence or an earlier group), so that prefilling the rest may start.
+    joined: bool,
     /// Tokens of the prompt in the first slot's cache so far.
     prefilled: usize,
     /// The request's slots: the first prefills the prompt; the others receive a copy of it.
@@ -262,10 +273,12 @@ impl Engine {
             let Some(job) = self.waiting.pop_front() else {
                 return;
             };
-            let prefilled = self.reuse_prefix(&job.prompt, slots[0]);
+            self.clock += 1;
             self.groups.push(Group {
                 job,
-                prefilled,
+                admitted: self.clock,
+                joined: false,
+                prefilled: 0,
                 slots,
                 samples: Vec::new(),
             });
@@ -322,16 +335,60 @@ impl Engine {
         true
     }
 
-    /// Copies the longest cached prefix of `prompt` (all but its last token at most, whose
-    /// logits the step must compute) into the empty `slot`; returns its length.
-    fn reuse_prefix(&mut self, prompt: &[u32], slot: SlotId) -> usize {
-        let Some((shared, index)) = self.cached_prefix(prompt) else {
-            return 0;
-        };
-        self.clock += 1;
-        let entry = &mut self.cached[index];
-        entry.last_used = self.clock;
-        let from = entry.slot;
+    /// Gives each admitted group that has not joined yet the longest computed prefix of its
+    /// prompt: a cached sequence's, or that of a group admitted before it whose prompt shares
+    /// at least [`MIN_WAITED_PREFIX`] more tokens. When that earlier group has not computed them
+    /// yet, the group waits for it rather than computing the same tokens in the same steps:
+    /// the episodes of a replay group that issued the same query send the same next turn at
+    /// the same time, and only one of them needs to prefill its observation.
+    fn join_prefixes(&mut self) {
+        for g in 0..self.groups.len() {
+            let group = &self.groups[g];
+            if group.joined {
+                continue;
+            }
+            let prompt = &group.job.prompt;
+            let limit = prompt.len().saturating_sub(1);
+            let cached = self.cached_prefix(prompt);
+            let cached_len = cached.map_or(0, |(shared, _)| shared);
+            let earlier = self
+                .groups
+                .iter()
+                .filter(|other| other.admitted < group.admitted)
+                .map(|other| {
+                    (
+                        common_prefix(&other.job.prompt, prompt).min(limit),
+                        other.slots[0],
+                    )
+                })
+                .max_by_key(|(shared, _)| *shared)
+                .filter(|(shared, _)| *shared >= cached_len + MIN_WAITED_PREFIX);
+            let slot = group.slots[0];
+            let prefilled = match (earlier, cached) {
+                (Some((shared, from)), _) => {
+                    if self.kv.len(from) < shared {
+                        continue;
+                    }
+                    self.reuse_prefix(from, slot, shared)
+                }
+                (None, Some((shared, index))) => {
+                    self.clock += 1;
+                    let entry = &mut self.cached[index];
+                    entry.last_used = self.clock;
+                    let from = entry.slot;
+                    self.reuse_prefix(from, slot, shared)
+                }
+                (None, None) => 0,
+            };
+            let group = &mut self.groups[g];
+            group.prefilled = prefilled;
+            group.joined = true;
+        }
+    }
+
+    /// Copies the first `shared` computed tokens of slot `from` into the empty `slot`; returns
+    /// how many it copied.
+    fn reuse_prefix(&mut self, from: SlotId, slot: SlotId, shared: usize) -> usize {
         match self.kv.copy_prefix(from, slot, shared) {
             Ok(()) => {
                 self.counters
@@ -341,7 +398,7 @@ impl Engine {
             }
             Err(e) => {
                 // The slot is empty and the prompt is computed in full instead.
-                tracing::warn!(error = %e, "cannot reuse a cached prefix");
+                tracing::warn!(error = %e, "cannot reuse a computed prefix");
                 0
             }
         }
@@ -362,6 +419,7 @@ impl Engine {
 
     /// One forward pass: every running sample's next token, then prompt chunks.
     fn step(&mut self) -> Result<()> {
+        self.join_prefixes();
         let mut batch = TokenBatch::default();
         let mut readers: Vec<(usize, Reader)> = Vec::new();
         for (g, group) in self.groups.iter().enumerate() {
@@ -381,7 +439,7 @@ impl Engine {
         let mut room = self.limits.max_step_tokens.saturating_sub(decoding);
         for (g, group) in self.groups.iter().enumerate() {
             let prompt = &group.job.prompt;
-            if !group.samples.is_empty() || room == 0 {
+            if !group.samples.is_empty() || !group.joined || room == 0 {
                 continue;
             }
             let take = (prompt.len() - group.prefilled).min(room);

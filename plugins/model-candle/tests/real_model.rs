@@ -1,6 +1,7 @@
 //! The candle engine on the embedded default model: exact ids and log-probs (checked against
-//! the trainer's own forward pass), batching and prefix reuse that change nothing, abandoned
-//! requests that stop, and prompts too long for the context refused before any work.
+//! the trainer's own forward pass), batching and prefix reuse (from cached sequences and between
+//! concurrent requests) that change nothing, abandoned requests that stop, and prompts too long
+//! for the context refused before any work.
 
 // Test helpers outside #[test] functions panic on failure too: the panic is the report.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -156,6 +157,41 @@ async fn batched_samples_and_reused_prefixes_stay_exact() {
     let b = policy.sample(&turn, &greedy, 1).await.unwrap();
     assert_eq!(a[0].tokens, b[0].tokens);
     assert_eq!(fresh.stats().reused_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_one_prompt_prefill_it_once_and_stay_exact() {
+    // Eight prompt tokens a step, so the first request is still prefilling when the others are
+    // admitted: they wait for its tokens instead of computing them beside it.
+    let policy = Arc::new(load(|c| c.max_step_tokens = 8).await);
+    let trainer = Llama::load(real_model_path(), &Device::Cpu, DType::F32).unwrap();
+    let ids = prompt(
+        &policy,
+        "Which of the canvas tote bags are in stock in Lyon?",
+    );
+    let samples = futures::future::join_all((0..4u64).map(|seed| {
+        let policy = policy.clone();
+        let ids = ids.clone();
+        async move {
+            policy
+                .sample(&ids, &params(seed, 1.0, 12), 1)
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let stats = policy.stats();
+    // One request computed the prompt; each of the other three only its last token, whose
+    // logits its own samples draw from.
+    assert_eq!(stats.prefilled_tokens, ids.len() as u64 + 3, "{stats:?}");
+    assert_eq!(stats.reused_tokens, 3 * (ids.len() as u64 - 1), "{stats:?}");
+    for s in &samples {
+        exact(&trainer, &ids, s, 1.0);
+    }
+    assert!(
+        samples.iter().any(|s| s[0].tokens != samples[0][0].tokens),
+        "four seeds at temperature 1 drew the same sample"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
