@@ -10,11 +10,16 @@
 //! shows as the ratio `r = π_θ / π_old` collapsing toward 0 on tokens the update should have made
 //! *more* likely (positive advantage), and as entropy rising: the alarm fires when, at any
 //! optimizer step, the fraction of positive-advantage tokens with `r < 0.1` passes its bound,
-//! the mean ratio leaves its band, or entropy spikes: it passes both a multiple of its
-//! first-step value and that value plus an absolute rise. Both are needed because at a low
-//! serving temperature entropy is small (about 0.05 nats per token), where a 1.6x "rise" is
-//! noise. The trainer reports the mean ratio over all trained tokens (not split by the
-//! advantage's sign), so that bound reads the all-token mean.
+//! the mean ratio leaves its band, or entropy spikes: on the step's own tokens it passes both a
+//! multiple of the sampler's entropy and that entropy plus an absolute rise. The sampler's
+//! entropy is estimated by the sampled tokens' surprisal under the policy that drew them (the
+//! mean of `-logp_old`, whose expectation it is), so the comparison is between the same tokens
+//! before and after the update; comparing with the round's first step instead measured which
+//! prompts and kinds each shuffled mini-batch held (0.41 against 0.96 nats between two steps of
+//! one healthy round). Both bounds are needed because at a low serving temperature entropy is
+//! small (about 0.05 nats per token), where a 1.6x "rise" is noise. The trainer reports the mean
+//! ratio over all trained tokens (not split by the advantage's sign), so that bound reads the
+//! all-token mean.
 
 use searchloop_train_sapo::StepMetrics;
 use serde::{Deserialize, Serialize};
@@ -66,9 +71,10 @@ pub struct IsddBounds {
     pub min_ratio_mean: f64,
     /// Largest mean ratio over trained tokens.
     pub max_ratio_mean: f64,
-    /// Largest entropy at any step, as a multiple of the first step's entropy ...
+    /// Largest entropy at any step, as a multiple of the sampler's entropy on the same tokens
+    /// ...
     pub max_entropy_rise: f64,
-    /// ... and above the first step's entropy by at least this many nats.
+    /// ... and above it by at least this many nats.
     pub min_entropy_rise_nats: f64,
 }
 
@@ -181,12 +187,8 @@ pub const ISDD_ALARM: &str = "ISDD alarm";
 /// The ISDD alarm: `Some(reason)` when any step of `steps` breaks `bounds`.
 ///
 /// Steps without trained tokens (NaN means) are skipped, as is the entropy check when the trainer
-/// recorded no entropy.
+/// recorded no entropy (then it recorded no surprisal either).
 pub fn isdd_alarm(steps: &[StepMetrics], bounds: &IsddBounds) -> Option<String> {
-    let first_entropy = steps
-        .iter()
-        .map(|s| s.loss.entropy_mean)
-        .find(|e| e.is_finite() && *e > 0.0);
     for s in steps.iter().filter(|s| s.loss.tokens > 0) {
         let m = &s.loss;
         if m.positive_tokens > 0 && m.ratio_below_tenth_pos > bounds.max_collapsed_fraction {
@@ -205,19 +207,20 @@ pub fn isdd_alarm(steps: &[StepMetrics], bounds: &IsddBounds) -> Option<String> 
                 s.step, m.ratio_mean, bounds.min_ratio_mean, bounds.max_ratio_mean
             ));
         }
-        if let Some(first) = first_entropy
+        let sampled = m.behaviour_surprisal_mean;
+        if sampled.is_finite()
             && m.entropy_mean.is_finite()
-            && m.entropy_mean > first * bounds.max_entropy_rise
-            && m.entropy_mean > first + bounds.min_entropy_rise_nats
+            && m.entropy_mean > sampled * bounds.max_entropy_rise
+            && m.entropy_mean > sampled + bounds.min_entropy_rise_nats
         {
             return Some(format!(
-                "{ISDD_ALARM} at step {}: entropy {:.4} rose past {} x and {} nats above its first \
-                 value {:.4}",
+                "{ISDD_ALARM} at step {}: entropy {:.4} rose past {} x and {} nats above the \
+                 sampler's {:.4} on the same tokens",
                 s.step,
                 m.entropy_mean,
                 bounds.max_entropy_rise,
                 bounds.min_entropy_rise_nats,
-                first
+                sampled
             ));
         }
     }
@@ -253,7 +256,13 @@ pub fn judge(candidate: &EvalReport, incumbent: &EvalReport, config: &GateConfig
 mod tests {
     use super::*;
 
-    fn step(step: usize, ratio_mean: f64, collapsed: f64, entropy: f64) -> StepMetrics {
+    /// A step whose tokens have `entropy` now and `surprisal` under the sampler.
+    fn step(
+        step: usize,
+        ratio_mean: f64,
+        collapsed: f64,
+        (entropy, surprisal): (f64, f64),
+    ) -> StepMetrics {
         let loss = serde_json::json!({
             "loss": 0.0, "pg_loss": 0.0, "sapo_loss": 0.0, "kl_ref_loss": 0.0,
             "tokens": 100, "positive_tokens": 60, "negative_tokens": 40,
@@ -263,6 +272,7 @@ mod tests {
             "ratio_below_tenth_pos": collapsed, "ratio_below_tenth_neg": 0.0,
             "sapo_active_frac": 0.0, "clip_frac": 0.0, "approx_kl_k1": 0.0,
             "approx_kl_k3": 0.0, "kl_ref_k3": 0.0, "entropy_mean": entropy,
+            "behaviour_surprisal_mean": surprisal,
         });
         serde_json::from_value(serde_json::json!({
             "step": step, "epoch": 0, "learning_rate": 1e-5, "grad_norm": 0.1,
@@ -284,12 +294,26 @@ mod tests {
 
     #[test]
     fn healthy_steps_do_not_alarm() {
-        let steps = [step(1, 1.0, 0.0, 1.2), step(2, 0.98, 0.01, 1.3)];
+        let steps = [
+            step(1, 1.0, 0.0, (1.2, 1.1)),
+            step(2, 0.98, 0.01, (1.3, 1.25)),
+        ];
         assert_eq!(isdd_alarm(&steps, &IsddBounds::default()), None);
         // A small entropy that grows by a large factor but a few hundredths of a nat is noise
         // (measured: 0.048 to 0.079 at the serving temperature).
-        let cold = [step(1, 1.0, 0.0, 0.048), step(2, 1.0, 0.0, 0.079)];
+        let cold = [
+            step(1, 1.0, 0.0, (0.048, 0.048)),
+            step(2, 1.0, 0.0, (0.079, 0.03)),
+        ];
         assert_eq!(isdd_alarm(&cold, &IsddBounds::default()), None);
+        // A later mini-batch of other prompts whose tokens the sampler was less sure of is not
+        // drift, however far its entropy is from the first step's (measured in a healthy round:
+        // 0.411, then 0.957).
+        let other_prompts = [
+            step(1, 1.0, 0.0, (0.411, 0.40)),
+            step(2, 1.0, 0.0, (0.957, 0.90)),
+        ];
+        assert_eq!(isdd_alarm(&other_prompts, &IsddBounds::default()), None);
     }
 
     #[test]
@@ -297,15 +321,17 @@ mod tests {
         let bounds = IsddBounds::default();
         let cases = [
             (
-                vec![step(1, 1.0, 0.0, 1.0), step(2, 0.9, 0.3, 1.0)],
+                vec![step(1, 1.0, 0.0, (1.0, 1.0)), step(2, 0.9, 0.3, (1.0, 1.0))],
                 "ratio < 0.1",
             ),
-            (vec![step(1, 0.2, 0.0, 1.0)], "mean ratio"),
-            (vec![step(1, 7.0, 0.0, 1.0)], "mean ratio"),
+            (vec![step(1, 0.2, 0.0, (1.0, 1.0))], "mean ratio"),
+            (vec![step(1, 7.0, 0.0, (1.0, 1.0))], "mean ratio"),
             (
-                vec![step(1, 1.0, 0.0, 1.0), step(2, 1.0, 0.0, 2.0)],
+                vec![step(1, 1.0, 0.0, (1.0, 1.0)), step(2, 1.0, 0.0, (2.0, 1.0))],
                 "entropy",
             ),
+            // The first step's tokens count as much as any other's.
+            (vec![step(1, 1.0, 0.0, (1.6, 0.5))], "entropy"),
         ];
         for (steps, expected) in cases {
             let reason = isdd_alarm(&steps, &bounds).expect("the alarm fires");

@@ -554,6 +554,18 @@ pub struct LossMetrics {
     pub kl_ref_k3: f64,
     /// Mean entropy over unmasked tokens (NaN without entropies).
     pub entropy_mean: f64,
+    /// Mean of `-logp_old` over the same tokens, when entropies are measured: the surprisal of
+    /// each sampled token under the policy that sampled it, whose expectation is that policy's
+    /// entropy at that position. Beside [`LossMetrics::entropy_mean`] it says how far the
+    /// entropy moved from the sampler's on these very tokens, whatever the batch holds (NaN
+    /// without entropies).
+    #[serde(default = "unmeasured")]
+    pub behaviour_surprisal_mean: f64,
+}
+
+/// The value of a mean that was not measured.
+fn unmeasured() -> f64 {
+    f64::NAN
 }
 
 /// The mean of two means over `na` and `nb` items.
@@ -628,6 +640,12 @@ impl LossMetrics {
         self.approx_kl_k3 = wmean(self.approx_kl_k3, n1, o.approx_kl_k3, n2);
         self.kl_ref_k3 = wmean(self.kl_ref_k3, n1, o.kl_ref_k3, n2);
         self.entropy_mean = wmean(self.entropy_mean, n1, o.entropy_mean, n2);
+        self.behaviour_surprisal_mean = wmean(
+            self.behaviour_surprisal_mean,
+            n1,
+            o.behaviour_surprisal_mean,
+            n2,
+        );
         self.tokens = n1 + n2;
         self.positive_tokens = p1 + p2;
         self.negative_tokens = m1 + m2;
@@ -735,8 +753,10 @@ pub fn policy_loss(
         }
     }
 
+    // With the entropies, the old log-probs of the same tokens: their surprisal is the
+    // sampler's entropy to compare with.
     let entropy_host = match inputs.entropy {
-        Some(e) => Some(to_host(e)?),
+        Some(e) => Some((to_host(e)?, to_host(&batch.logp_old)?)),
         None => None,
     };
     let mut m = Counts::default();
@@ -771,8 +791,9 @@ pub fn policy_loss(
             let lr = batch.log_ratio_host[k];
             m.k1 += -lr;
             m.k3 += (r - 1.0) - lr;
-            if let Some(e) = &entropy_host {
-                m.entropy += e[k];
+            if let Some((entropy, old)) = &entropy_host {
+                m.entropy += entropy[k];
+                m.surprisal -= old[k];
             }
         }
     }
@@ -816,6 +837,11 @@ pub fn policy_loss(
         kl_ref_k3: kl_ref_mean,
         entropy_mean: if entropy_host.is_some() {
             frac(m.entropy, m.tokens)
+        } else {
+            f64::NAN
+        },
+        behaviour_surprisal_mean: if entropy_host.is_some() {
+            frac(m.surprisal, m.tokens)
         } else {
             f64::NAN
         },
@@ -1079,6 +1105,8 @@ struct Counts {
     k1: f64,
     k3: f64,
     entropy: f64,
+    /// Σ `-logp_old` over the tokens whose entropy is summed.
+    surprisal: f64,
 }
 
 impl Default for Counts {
@@ -1100,6 +1128,7 @@ impl Default for Counts {
             k1: 0.0,
             k3: 0.0,
             entropy: 0.0,
+            surprisal: 0.0,
         }
     }
 }
@@ -2351,5 +2380,44 @@ mod tests {
             }
             assert_eq!(merged.sequences, 3);
         }
+    }
+
+    #[test]
+    fn entropy_is_reported_beside_the_samplers_surprisal_on_the_same_tokens() {
+        let dev = Device::Cpu;
+        // Two sequences of three positions; the last position of the second is masked.
+        let old = [-0.5, -1.5, -2.5, -0.25, -0.75, -9.0];
+        let entropy = [1.0, 2.0, 3.0, 0.5, 0.5, 9.0];
+        let mask = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0];
+        let t = |v: &[f64]| Tensor::from_slice(v, (2, 3), &dev).unwrap();
+        let (old, entropy, mask) = (t(&old), t(&entropy), t(&mask));
+        let advantages = Tensor::from_slice(&[1.0, -1.0], 2, &dev).unwrap();
+        let inputs = |entropy| PolicyLossInputs {
+            logp: &old,
+            logp_old: &old,
+            logp_sampler: None,
+            mask: &mask,
+            advantages: &advantages,
+            ref_logp: None,
+            entropy,
+            normalizer: None,
+        };
+        let (_, m) = policy_loss(&inputs(Some(&entropy)), &LossConfig::default()).unwrap();
+        assert!(close(m.entropy_mean, 7.0 / 5.0), "{}", m.entropy_mean);
+        assert!(
+            close(m.behaviour_surprisal_mean, 5.5 / 5.0),
+            "{}",
+            m.behaviour_surprisal_mean
+        );
+        // Merged micro-batches weigh each by its tokens, like the other means.
+        let mut merged = m.clone();
+        merged.merge(&m);
+        assert!(close(
+            merged.behaviour_surprisal_mean,
+            m.behaviour_surprisal_mean
+        ));
+        let (_, unmeasured) = policy_loss(&inputs(None), &LossConfig::default()).unwrap();
+        assert!(unmeasured.entropy_mean.is_nan());
+        assert!(unmeasured.behaviour_surprisal_mean.is_nan());
     }
 }
