@@ -366,6 +366,28 @@ fn learn_runs_a_round_writes_its_report_and_resumes_instead_of_repeating() {
         err.contains("unknown arm 'ppo'") && err.contains("cispo"),
         "{err}"
     );
+    // Each run is a process of its own, started with the hidden `--only-run ARM:SEED`.
+    let malformed = run_searchloop(
+        &[
+            "learn",
+            "--workdir",
+            workdir.to_str().unwrap(),
+            "--only-run",
+            "grpo",
+        ],
+        &[],
+    );
+    let err = stderr_of(&malformed);
+    assert!(!malformed.status.success());
+    assert!(err.contains("ARM:SEED"), "{err}");
+    // A run's process that fails says why in one line, and the command adds none.
+    let mut on_a_gpu = vec!["--device", "cuda:0"];
+    on_a_gpu.extend(args);
+    let failing = run_searchloop(&on_a_gpu, &[]);
+    let err = stderr_of(&failing);
+    assert!(!failing.status.success());
+    assert!(err.contains("cuda"), "{err}");
+    assert_eq!(err.matches("error:").count(), 1, "{err}");
 }
 
 #[test]

@@ -8,6 +8,12 @@
 //! one line per round to `rounds.jsonl` there once the round's verdict is in the registry. A
 //! killed command started again skips the rounds those files record and goes on from the
 //! registry's promoted adapter; a round killed half-way is cleaned up by the next one.
+//!
+//! Each run is a process of its own (this program again, with the hidden `--only-run`), and the
+//! command writes the report from the runs' records once they are done. In one process the
+//! resident memory grew by about 3.5 GB a run (serving engines, the gate's engines and the
+//! trainer come and go each run) until a six-run benchmark was killed for memory; a process per
+//! run hands everything back to the system when the run ends.
 
 use std::{
     collections::BTreeMap,
@@ -107,6 +113,10 @@ pub struct LearnArgs {
     /// Where the report and the plot go; default `WORKDIR/report`.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Runs only this arm and seed (`ARM:SEED`) and writes no report: how the command runs each
+    /// of its runs in a process of its own.
+    #[arg(long, hide = true)]
+    pub only_run: Option<String>,
 }
 
 /// One round of one run, as `rounds.jsonl` keeps it.
@@ -148,6 +158,14 @@ pub async fn run(args: LearnArgs, device: Option<Device>) -> anyhow::Result<()> 
     for arm in &args.arms {
         arm_settings(arm)?;
     }
+    let Some(only_run) = &args.only_run else {
+        return run_each_in_a_process(&args).await;
+    };
+    let (arm, seed) = only_run
+        .split_once(':')
+        .and_then(|(arm, seed)| Some((arm, seed.parse::<u64>().ok()?)))
+        .with_context(|| format!("--only-run takes ARM:SEED, not {only_run:?}"))?;
+    arm_settings(arm)?;
     std::fs::create_dir_all(&args.workdir)
         .with_context(|| format!("cannot create {}", args.workdir.display()))?;
     let data = args.workdir.join("retail");
@@ -191,11 +209,50 @@ pub async fn run(args: LearnArgs, device: Option<Device>) -> anyhow::Result<()> 
     } else {
         None
     };
+    run_one(&args, &base, arm, seed, &data, unseen.as_ref()).await
+}
+
+/// A run's process ended with an error, which it printed as its own one line: the command
+/// fails with it and adds none.
+#[derive(Debug)]
+pub struct RunFailed;
+
+impl std::fmt::Display for RunFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a run failed, and its process said why")
+    }
+}
+
+impl std::error::Error for RunFailed {}
+
+/// Runs every arm and seed, one after another, each in a process of its own, then writes the
+/// report from their records.
+async fn run_each_in_a_process(args: &LearnArgs) -> anyhow::Result<()> {
+    let program = std::env::current_exe().context("cannot find this program to start a run")?;
     let started = Instant::now();
     let mut reports = Vec::new();
     for arm in &args.arms {
         for seed in 1..=args.seeds {
-            let report = run_one(&args, &base, arm, seed, &data, unseen.as_ref()).await?;
+            let status = tokio::process::Command::new(&program)
+                .args(std::env::args_os().skip(1))
+                .arg("--only-run")
+                .arg(format!("{arm}:{seed}"))
+                .kill_on_drop(true)
+                .status()
+                .await
+                .with_context(|| format!("cannot start the run of {arm}, seed {seed}"))?;
+            if !status.success() {
+                if status.code().is_some() {
+                    // The run's process printed its error line itself.
+                    return Err(RunFailed.into());
+                }
+                bail!(
+                    "the run of {arm}, seed {seed} was stopped ({status}); the rounds it \
+                     finished are kept, and the same command goes on from them"
+                );
+            }
+            let report = read_run(&run_dir(args, arm, seed), args.rounds)?
+                .with_context(|| format!("the run of {arm}, seed {seed} left no record"))?;
             reports.push(report);
         }
     }
@@ -203,7 +260,7 @@ pub async fn run(args: LearnArgs, device: Option<Device>) -> anyhow::Result<()> 
         .out
         .clone()
         .unwrap_or_else(|| args.workdir.join("report"));
-    write_report(&reports, &args, &out)?;
+    write_report(&reports, args, &out)?;
     println!(
         "\n{} runs in {:.1} min; report and plot in {}",
         reports.len(),
@@ -303,6 +360,34 @@ fn run_config(
     Ok(config)
 }
 
+/// The folder of the run of `arm` with `seed`.
+fn run_dir(args: &LearnArgs, arm: &str, seed: u64) -> PathBuf {
+    args.workdir.join("runs").join(format!("{arm}-seed{seed}"))
+}
+
+/// The record of the run in `dir` with its first `rounds` rounds (a run that went further under
+/// an earlier command is reported up to this command's rounds); `None` before the run wrote one.
+fn read_run(dir: &Path, rounds: usize) -> anyhow::Result<Option<RunReport>> {
+    let path = dir.join("run.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let mut report: RunReport = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a run record", path.display()))?;
+    report.rounds = recorded_rounds(dir, rounds)?;
+    Ok(Some(report))
+}
+
+/// The first `rounds` rounds that `rounds.jsonl` in the run folder `dir` records.
+fn recorded_rounds(dir: &Path, rounds: usize) -> anyhow::Result<Vec<RoundLine>> {
+    let mut recorded = read_rounds(&dir.join("rounds.jsonl"))?;
+    recorded.truncate(rounds);
+    Ok(recorded)
+}
+
+/// Runs the rounds of one arm and seed that its records do not hold yet.
 async fn run_one(
     args: &LearnArgs,
     base: &AppConfig,
@@ -314,27 +399,25 @@ async fn run_one(
         Vec<Question>,
         searchloop_demo::help_center::RunningHelpCenter,
     )>,
-) -> anyhow::Result<RunReport> {
-    let dir = args.workdir.join("runs").join(format!("{arm}-seed{seed}"));
+) -> anyhow::Result<()> {
+    let dir = run_dir(args, arm, seed);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config = run_config(args, base, arm, seed, data, &dir)?;
     let progress_path = dir.join("rounds.jsonl");
-    let mut report: RunReport = match std::fs::read_to_string(dir.join("run.json")) {
-        Ok(text) => serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a run record", dir.join("run.json").display()))?,
-        Err(_) => RunReport {
+    let mut report = match read_run(&dir, args.rounds)? {
+        Some(report) => report,
+        None => RunReport {
             arm: arm.to_string(),
             seed,
             base: None,
-            rounds: Vec::new(),
+            // Rounds recorded before the run's first record was written (a kill between the
+            // two writes).
+            rounds: recorded_rounds(&dir, args.rounds)?,
             generalization_before: None,
             generalization_after: None,
             device: config.model.device.to_string(),
         },
     };
-    report.rounds = read_rounds(&progress_path)?;
-    // A run that went further under an earlier command is reported up to this command's rounds.
-    report.rounds.truncate(args.rounds);
     println!(
         "\n== {arm}, seed {seed}: {} of {} rounds done ({})",
         report.rounds.len(),
@@ -344,7 +427,7 @@ async fn run_one(
     if report.rounds.len() >= args.rounds
         && (unseen.is_none() || report.generalization_after.is_some())
     {
-        return Ok(report);
+        return save_run(&dir, &report);
     }
     let runtime = Runtime::start(config.clone()).await?;
     if let Some(unseen) = unseen
@@ -399,7 +482,7 @@ async fn run_one(
         save_run(&dir, &report)?;
     }
     runtime.store().close().await;
-    Ok(report)
+    save_run(&dir, &report)
 }
 
 /// The served model's held-out scores after a round: the candidate's when it was promoted,

@@ -118,8 +118,11 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            // One clear line: the error and its causes, no backtrace.
-            eprintln!("error: {error:#}");
+            // One clear line: the error and its causes, no backtrace (a `learn` run's process
+            // has printed its own).
+            if error.downcast_ref::<learn_cmd::RunFailed>().is_none() {
+                eprintln!("error: {error:#}");
+            }
             ExitCode::FAILURE
         }
     }
