@@ -350,35 +350,28 @@ fn learn_runs_a_round_writes_its_report_and_resumes_instead_of_repeating() {
     let rounds_after = std::fs::read_to_string(run.join("rounds.jsonl")).unwrap();
     assert_eq!(rounds_after, rounds);
 
-    let unknown = run_searchloop(
-        &[
-            "learn",
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--arms",
-            "ppo",
-        ],
-        &[],
-    );
-    let err = stderr_of(&unknown);
-    assert!(!unknown.status.success());
+    // `learn` in the same work folder with one bad option: it fails, and says why on stderr.
+    let refused = |option: &str, value: &str| {
+        let output = run_searchloop(
+            &[
+                "learn",
+                "--workdir",
+                workdir.to_str().unwrap(),
+                option,
+                value,
+            ],
+            &[],
+        );
+        assert!(!output.status.success());
+        stderr_of(&output)
+    };
+    let err = refused("--arms", "ppo");
     assert!(
         err.contains("unknown arm 'ppo'") && err.contains("cispo"),
         "{err}"
     );
     // Each run is a process of its own, started with the hidden `--only-run ARM:SEED`.
-    let malformed = run_searchloop(
-        &[
-            "learn",
-            "--workdir",
-            workdir.to_str().unwrap(),
-            "--only-run",
-            "grpo",
-        ],
-        &[],
-    );
-    let err = stderr_of(&malformed);
-    assert!(!malformed.status.success());
+    let err = refused("--only-run", "grpo");
     assert!(err.contains("ARM:SEED"), "{err}");
     // A run's process that fails says why in one line, and the command adds none.
     let mut on_a_gpu = vec!["--device", "cuda:0"];
