@@ -31,7 +31,7 @@ pub use agent::{Agent, AgentConfig, EpisodeRequest, EpisodeRewardWeights};
 pub use device::Device;
 pub use error::{Error, Result};
 pub use policy::{ChatMessage, FinishReason, Policy, PolicySlot, Role, Sample, SamplingParams};
-pub use protocol::{Action, DEFAULT_MAX_QUESTION_CHARS, ProtocolConfig};
+pub use protocol::{Action, DEFAULT_MAX_QUESTION_CHARS, ProtocolConfig, SolutionStep};
 pub use reward::{RewardEntry, RewardPolicy};
 pub use sink::{JsonlSink, TrajectorySink};
 pub use tool::{DynTool, Tool, ToolError, ToolLimits, ToolOutcome, ToolRegistry};

@@ -33,6 +33,17 @@ pub enum Action {
     Invalid(String),
 }
 
+/// One tool call of a worked solution to a question: what a good episode calls, in order. A
+/// question file may carry one per question (`QUESTIONS.md`); a teacher renders it in the
+/// protocol's syntax to demonstrate the question.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SolutionStep {
+    /// The tool's name.
+    pub tool: String,
+    /// What the tool is called with: a search query, or a tool's JSON arguments.
+    pub input: String,
+}
+
 /// Parses one turn's text (prefilled tags included).
 pub fn parse_action(text: &str) -> Action {
     let Some((close_at, close_tag)) = CLOSING_TAGS

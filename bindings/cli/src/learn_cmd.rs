@@ -94,6 +94,10 @@ pub struct LearnArgs {
     /// Refill groups whose episodes all earn the same reward from further prompts.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub dynamic_sampling: bool,
+    /// Add a teacher's demonstration of a question's worked solution to each replay group
+    /// that found no answer as good (see `[learn.round] demonstrations`).
+    #[arg(long)]
+    pub demonstrations: bool,
     /// Weight of the reward for calling the tools a question needs (0: none).
     #[arg(long, default_value_t = 0.1)]
     pub tool_reward: f64,
@@ -339,6 +343,7 @@ fn run_config(
     round.rollout_temperature = Some(args.rollout_temperature);
     round.prompt_kinds = args.prompt_kinds.clone();
     round.dynamic_sampling = args.dynamic_sampling;
+    round.demonstrations = args.demonstrations;
     round.seed = seed;
     round.lora.seed = seed;
     round.threads = if args.threads == 0 {
@@ -648,7 +653,7 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     let mut md = format!(
         "Held-out EM of the served model after each round: mean over seeds (min–max). \
          lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
-         tool reward {}, dynamic sampling {}, after an observation the turn starts with {:?}, \
+         tool reward {}, dynamic sampling {}, demonstrations {}, after an observation the turn starts with {:?}, \
          replay prompts of kinds {}.\n\n",
         args.lr,
         args.epochs,
@@ -657,6 +662,7 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
         args.rollout_temperature,
         args.tool_reward,
         args.dynamic_sampling,
+        args.demonstrations,
         args.after_observation_prefill
             .clone()
             .or(ProtocolConfig::default().after_observation_prefill)

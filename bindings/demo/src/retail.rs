@@ -31,6 +31,7 @@ use chrono::{Days, NaiveDate};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use searchloop_core::SolutionStep;
 use searchloop_core::reward::normalize_answer;
 
 use crate::error::DemoError;
@@ -267,6 +268,27 @@ pub struct Question {
     pub skus: Vec<String>,
     /// Tools needed to answer: [`TOOL_CATALOG`], [`TOOL_INVENTORY`], [`TOOL_HELP`].
     pub tools: Vec<String>,
+    /// A worked solution: the tool calls that lead to the answer, in order. Written for the
+    /// catalog questions (a search that lists the product); empty for the others, whose calls
+    /// need the inventory's or help center's argument formats.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub solution: Vec<SolutionStep>,
+}
+
+/// The worked solution of a question of `kind` with text `text` about `product`.
+fn solution_for(kind: QuestionKind, text: &str, product: Option<&Product>) -> Vec<SolutionStep> {
+    let query = match (kind, product) {
+        (QuestionKind::SingleHop, Some(product)) => Some(product.name.clone()),
+        (QuestionKind::MultiHop, _) => MultiHop::parse(text).ok().map(|q| q.catalog_query()),
+        _ => None,
+    };
+    query
+        .map(|input| SolutionStep {
+            tool: TOOL_CATALOG.to_string(),
+            input,
+        })
+        .into_iter()
+        .collect()
 }
 
 /// Parameters of [`generate`].
@@ -815,15 +837,21 @@ fn generate_stock(seed: u64, products: &mut [Product], stores: &[Store]) -> Vec<
 }
 
 /// A question before it gets its id and split.
-/// `sku` is the product the answer depends on, `None` for a store question.
-fn draft(text: String, answers: Vec<String>, kind: QuestionKind, sku: Option<&str>) -> Question {
+/// `product` is the product the answer depends on, `None` for a store question.
+fn draft(
+    text: String,
+    answers: Vec<String>,
+    kind: QuestionKind,
+    product: Option<&Product>,
+) -> Question {
     Question {
         id: String::new(),
+        solution: solution_for(kind, &text, product),
         question: text,
         answers,
         kind,
         split: Split::Train,
-        skus: sku.into_iter().map(str::to_string).collect(),
+        skus: product.into_iter().map(|p| p.sku.clone()).collect(),
         tools: kind.tools().iter().map(|t| t.to_string()).collect(),
     }
 }
@@ -1049,12 +1077,7 @@ fn single_hop_questions<R: Rng>(rng: &mut R, products: &[Product]) -> Vec<Questi
         let field = draw_field(rng, product);
         if let Some(answers) = field.answers(product) {
             let text = field.template().replace("{name}", &product.name);
-            questions.push(draft(
-                text,
-                answers,
-                QuestionKind::SingleHop,
-                Some(&product.sku),
-            ));
+            questions.push(draft(text, answers, QuestionKind::SingleHop, Some(product)));
         }
     }
     questions
@@ -1151,6 +1174,32 @@ struct MultiHop {
 impl MultiHop {
     fn spec(&self) -> &'static CategorySpec {
         &CATEGORIES[self.category]
+    }
+
+    /// A catalog query that lists the products meeting the question's category, colour,
+    /// material, brand and price, the target among them; the catalog has no filters for the
+    /// other attributes, which the listed products' details settle.
+    fn catalog_query(&self) -> String {
+        let quoted = |value: &str| {
+            if value.contains(' ') {
+                format!("\"{value}\"")
+            } else {
+                value.to_string()
+            }
+        };
+        let mut parts = vec![format!("category:{}", quoted(self.spec().name))];
+        for constraint in &self.constraints {
+            match constraint {
+                Constraint::Colour(colour) => parts.push(format!("color:{}", quoted(colour))),
+                Constraint::Material(material) => {
+                    parts.push(format!("material:{}", quoted(material)));
+                }
+                Constraint::Brand(brand) => parts.push(format!("brand:{}", quoted(brand))),
+                Constraint::PriceUnder(dollars) => parts.push(format!("price<{dollars}")),
+                Constraint::Attr { .. } => {}
+            }
+        }
+        parts.join(" ")
     }
 
     fn matches(&self, product: &Product) -> bool {
@@ -1438,7 +1487,7 @@ fn multi_hop_questions<R: Rng>(rng: &mut R, products: &[Product]) -> Vec<Questio
             question.render(),
             vec![target.name.clone()],
             QuestionKind::MultiHop,
-            Some(&target.sku),
+            Some(target),
         ));
     }
     questions
@@ -1502,7 +1551,7 @@ fn inventory_questions<R: Rng>(rng: &mut R, dataset: &RetailDataset) -> Vec<Ques
                     fill(template, &product.name, city),
                     answers,
                     QuestionKind::Inventory,
-                    Some(&product.sku),
+                    Some(product),
                 ));
             }
         }
@@ -1610,6 +1659,13 @@ impl<'a> Index<'a> {
         let tools = q.kind.tools();
         if q.tools != tools {
             return Err(format!("lists tools {:?}, expected {tools:?}", q.tools));
+        }
+        let solution = solution_for(q.kind, &q.question, product);
+        if q.solution != solution {
+            return Err(format!(
+                "has the solution {:?}, expected {solution:?}",
+                q.solution
+            ));
         }
         Ok(())
     }
@@ -2023,20 +2079,72 @@ mod tests {
     }
 
     #[test]
-    fn verify_rejects_wrong_answers_ambiguity_and_bad_stock() -> TestResult {
+    fn catalog_questions_carry_a_search_for_their_product_as_solution() -> TestResult {
         let data = dataset(42);
+        let by_sku: BTreeMap<&str, &Product> =
+            data.products.iter().map(|p| (p.sku.as_str(), p)).collect();
+        for q in &data.questions {
+            let inputs: Vec<(&str, &str)> = q
+                .solution
+                .iter()
+                .map(|s| (s.tool.as_str(), s.input.as_str()))
+                .collect();
+            match q.kind {
+                QuestionKind::SingleHop => {
+                    let product = by_sku[q.skus[0].as_str()];
+                    assert_eq!(inputs, [(TOOL_CATALOG, product.name.as_str())]);
+                }
+                QuestionKind::MultiHop => {
+                    let product = by_sku[q.skus[0].as_str()];
+                    let [(TOOL_CATALOG, query)] = inputs.as_slice() else {
+                        panic!("{q:?}");
+                    };
+                    // Filters only, each one the target meets.
+                    assert!(query.starts_with("category:"), "{query}");
+                    if q.question.contains("made by") {
+                        assert!(
+                            query.contains(&format!("brand:{}", product.brand)),
+                            "{query}"
+                        );
+                    }
+                }
+                QuestionKind::Inventory | QuestionKind::StoreInfo => assert!(inputs.is_empty()),
+            }
+        }
 
-        let mut wrong = data.clone();
-        let q = wrong
+        // A solution that does not follow from the question is refused like a wrong answer.
+        assert!(refused_after_single_hop_edit(&data, |q| {
+            q.solution[0].input = "another product".into();
+        })?);
+        Ok(())
+    }
+
+    /// Whether verification refuses a copy of `data` whose first single-hop question `edit`
+    /// changed.
+    fn refused_after_single_hop_edit(
+        data: &RetailDataset,
+        edit: impl FnOnce(&mut Question),
+    ) -> Result<bool, Box<dyn std::error::Error>> {
+        let mut changed = data.clone();
+        let q = changed
             .questions
             .iter_mut()
             .find(|q| q.kind == QuestionKind::SingleHop)
             .ok_or("no single-hop question")?;
-        q.answers = vec!["definitely not it".into()];
-        assert!(matches!(
-            wrong.verify(),
+        edit(q);
+        Ok(matches!(
+            changed.verify(),
             Err(DemoError::InvalidQuestion { .. })
-        ));
+        ))
+    }
+
+    #[test]
+    fn verify_rejects_wrong_answers_ambiguity_and_bad_stock() -> TestResult {
+        let data = dataset(42);
+
+        assert!(refused_after_single_hop_edit(&data, |q| {
+            q.answers = vec!["definitely not it".into()];
+        })?);
 
         // A twin of a multi-hop answer (same facts, new name) makes the question ambiguous.
         let mut ambiguous = data.clone();

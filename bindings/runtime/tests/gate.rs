@@ -46,6 +46,7 @@ async fn the_gate_promotes_a_good_candidate_and_rejects_a_damaged_one() {
             answers: question.answers.clone(),
             kind: String::new(),
             tools: Vec::new(),
+            solution: Vec::new(),
         };
         let report = searchloop_learn::evaluate(&agent, std::slice::from_ref(&item), 0)
             .await

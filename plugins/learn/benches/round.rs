@@ -380,6 +380,7 @@ fn train_only(args: &Args, batch: &Path) -> Result<()> {
             baseline: None,
             adapter_version: None,
             temperature: f64::from(d.temperature),
+            demonstration: false,
         })
         .collect();
     let pool = rayon::ThreadPoolBuilder::new()

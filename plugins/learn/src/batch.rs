@@ -74,6 +74,7 @@ pub fn to_train_sequence(
         baseline: None,
         adapter_version: t.adapter_version,
         temperature: f64::from(s.temperature),
+        demonstration: false,
     })
 }
 
@@ -97,6 +98,7 @@ pub struct BatchBuilder {
     tool_calls: Vec<usize>,
     replay: usize,
     feedback: usize,
+    demonstrations: usize,
     skipped: BTreeMap<SkipReason, usize>,
 }
 
@@ -107,6 +109,9 @@ pub enum Origin {
     Replay,
     /// Logged with host feedback.
     Feedback,
+    /// A teacher's demonstration of a question's worked solution, added to its replay group
+    /// ([`TrainSequence::demonstration`]).
+    Demonstration,
 }
 
 impl BatchBuilder {
@@ -123,11 +128,16 @@ impl BatchBuilder {
     ) {
         match to_train_sequence(t, reward, group_id, limits) {
             Ok(s) => {
-                self.sequences.push(TrainSequence { baseline, ..s });
+                self.sequences.push(TrainSequence {
+                    baseline,
+                    demonstration: origin == Origin::Demonstration,
+                    ..s
+                });
                 self.tool_calls.push(t.tool_calls.len());
                 match origin {
                     Origin::Replay => self.replay += 1,
                     Origin::Feedback => self.feedback += 1,
+                    Origin::Demonstration => self.demonstrations += 1,
                 }
             }
             Err(reason) => *self.skipped.entry(reason).or_default() += 1,
@@ -160,6 +170,9 @@ pub struct BatchStats {
     pub replay_sequences: usize,
     /// Of which logged with host feedback.
     pub feedback_sequences: usize,
+    /// Of which a teacher's demonstrations, added to replay groups that found no answer as good.
+    #[serde(default)]
+    pub demonstration_sequences: usize,
     /// Distinct groups; an episode trained against a baseline counts as a group of its own.
     pub groups: usize,
     /// Episodes trained against a running per-kind baseline instead of a group.
@@ -208,6 +221,7 @@ impl BatchStats {
             sequences: sequences.len(),
             replay_sequences: builder.replay,
             feedback_sequences: builder.feedback,
+            demonstration_sequences: builder.demonstrations,
             groups,
             baselined_sequences: baselines.iter().flatten().count(),
             zero_std_groups,

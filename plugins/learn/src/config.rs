@@ -100,6 +100,12 @@ pub struct RoundConfig {
     /// Most replay prompts one round tries with dynamic sampling (0: three times
     /// `prompts_per_round`).
     pub max_prompt_draws: usize,
+    /// Demonstrations: when a replay prompt's question carries a worked solution
+    /// ([`crate::Question::solution`]) and no episode of its group earned the reward a teacher
+    /// playing that solution earns, the teacher's episode joins the group (trained as a
+    /// [`searchloop_train_sapo::TrainSequence::demonstration`]). It is kept only when a tool's
+    /// observation holds the gold answer, so it shows an answer read from the tools.
+    pub demonstrations: bool,
     /// Seed of prompt choice and replay sampling.
     pub seed: u64,
     /// Episodes longer than this many tokens are left out (their activations would not fit).
@@ -138,6 +144,7 @@ impl Default for RoundConfig {
             rollout_temperature: None,
             dynamic_sampling: false,
             max_prompt_draws: 0,
+            demonstrations: false,
             seed: 0,
             max_sequence_tokens: 2048,
             max_feedback_episodes: 256,

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     batch::{BatchBuilder, Origin, SequenceLimits, has_host_feedback},
     config::RoundConfig,
+    demonstration::{Demonstrated, demonstrate},
     error::{LearnError, Result},
     questions::Question,
 };
@@ -33,6 +34,12 @@ pub(crate) struct ReplayStats {
     pub prompts: usize,
     /// Groups whose rewards differ (the ones with an advantage).
     pub informative_groups: usize,
+    /// Teacher demonstrations added to groups that found no answer as good.
+    pub demonstrations: usize,
+    /// Worked solutions the protocol could not play.
+    pub unfit_solutions: usize,
+    /// Worked solutions played through whose observations held no gold answer.
+    pub ungrounded_solutions: usize,
 }
 
 /// The agent replay episodes run through: the serving agent's tools, protocol, rewards and
@@ -77,8 +84,10 @@ fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
 /// each of the first `config.prompts_per_round` prompts, all at once so a batching engine
 /// decodes them together. With dynamic sampling, a group whose episodes all earn the same
 /// reward does not count, and further prompts are sampled in waves until
-/// `prompts_per_round` groups have spread or the prompts run out. Checks `cancel` between
-/// waves and reports progress after each group.
+/// `prompts_per_round` groups have spread or the prompts run out. With demonstrations, a
+/// group whose episodes all earned less than a teacher playing its question's worked solution
+/// gets the teacher's episode (see [`crate::RoundConfig::demonstrations`]). Checks `cancel`
+/// between waves and reports progress after each group.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn replay_groups(
     agent: &Agent,
@@ -111,11 +120,16 @@ pub(crate) async fn replay_groups(
             agent.run_group(request, config.group_size)
         }))
         .await;
+        let first = next;
         next += wave;
-        for group in groups {
+        for (k, group) in (first..).zip(groups) {
             let group = group?;
             stats.prompts += 1;
             let mut rewards = Vec::with_capacity(group.len());
+            let group_id = group
+                .first()
+                .and_then(|t| t.group_id.clone())
+                .unwrap_or_default();
             for t in &group {
                 stats.episodes += 1;
                 stats.generated_tokens += t.loss_mask().iter().filter(|&&m| m).count();
@@ -123,8 +137,32 @@ pub(crate) async fn replay_groups(
                     continue;
                 };
                 rewards.push(reward);
-                let group_id = t.group_id.clone().unwrap_or_default();
                 batch.push(t, reward, &group_id, None, Origin::Replay, limits);
+            }
+            if config.demonstrations && !prompts[k].solution.is_empty() {
+                let best = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let seed = replay_seed(config.seed, round, k);
+                match demonstrate(agent, &prompts[k], seed).await? {
+                    Demonstrated::Episode(t) => {
+                        // Only a group that found nothing as good needs to be shown.
+                        if let Some(reward) = reward_policy
+                            .combine(&t.rewards)
+                            .filter(|&r| r > best + 1e-9)
+                        {
+                            rewards.push(reward);
+                            stats.demonstrations += 1;
+                            batch.push(&t, reward, &group_id, None, Origin::Demonstration, limits);
+                        }
+                    }
+                    Demonstrated::Unfit(reason) => {
+                        stats.unfit_solutions += 1;
+                        tracing::debug!(question = %prompts[k].id, %reason, "unfit solution");
+                    }
+                    Demonstrated::Ungrounded => {
+                        stats.ungrounded_solutions += 1;
+                        tracing::debug!(question = %prompts[k].id, "ungrounded solution");
+                    }
+                }
             }
             let spread = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max)
                 - rewards.iter().copied().fold(f64::INFINITY, f64::min);
@@ -136,6 +174,14 @@ pub(crate) async fn replay_groups(
         }
     }
     stats.seconds = started.elapsed().as_secs_f64();
+    if config.demonstrations {
+        tracing::info!(
+            added = stats.demonstrations,
+            unfit = stats.unfit_solutions,
+            ungrounded = stats.ungrounded_solutions,
+            "demonstrations"
+        );
+    }
     Ok(stats)
 }
 
@@ -296,10 +342,11 @@ mod tests {
         }
     }
 
-    /// A catalog tool that finds nothing; the scripted answers below never need it.
-    struct NoCatalog;
+    /// A catalog tool that echoes its query; the scripted answers below never call it, and a
+    /// worked solution's query shows the answer it names.
+    struct EchoCatalog;
 
-    impl searchloop_core::Tool for NoCatalog {
+    impl searchloop_core::Tool for EchoCatalog {
         type Args = serde_json::Value;
         fn name(&self) -> &str {
             "catalog"
@@ -312,28 +359,29 @@ mod tests {
         }
         async fn call(
             &self,
-            _args: serde_json::Value,
+            args: serde_json::Value,
         ) -> std::result::Result<String, searchloop_core::ToolError> {
-            Ok("nothing found".into())
+            Ok(format!("found: {}", args["query"]))
         }
     }
 
-    /// An agent whose scripted model answers "steady" questions right every time and
-    /// "varied" ones right on every other call, so only varied groups have reward spread.
+    /// An agent whose scripted model answers "steady" questions right every time, "varied"
+    /// ones right on every other call, so only varied groups have reward spread, and "hard"
+    /// ones never.
     fn scripted_agent(serving_temperature: f32) -> Agent {
         use std::sync::{Arc, atomic::AtomicUsize};
 
         let calls = AtomicUsize::new(0);
         let policy = searchloop_core::scripted::ScriptedPolicy::new(move |context: &str| {
             let n = calls.fetch_add(1, Ordering::SeqCst);
-            if context.contains("varied") && n % 2 == 1 {
+            if context.contains("hard") || (context.contains("varied") && n % 2 == 1) {
                 "<answer>wrong</answer>".into()
             } else {
                 "<answer>right</answer>".into()
             }
         });
         let mut registry = searchloop_core::ToolRegistry::new();
-        registry.register(Arc::new(NoCatalog)).unwrap();
+        registry.register(Arc::new(EchoCatalog)).unwrap();
         let mut config = AgentConfig::default();
         config.protocol.first_turn_prefill = None;
         config.protocol.after_observation_prefill = None;
@@ -351,6 +399,7 @@ mod tests {
             answers: vec!["right".into()],
             kind: String::new(),
             tools: Vec::new(),
+            solution: Vec::new(),
         }
     }
 
@@ -415,6 +464,49 @@ mod tests {
         let steady_only = &prompts[..2];
         let (stats, _) = sample(&agent, steady_only, &config).await;
         assert_eq!((stats.prompts, stats.informative_groups), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_demonstration_joins_only_a_group_that_found_no_answer_as_good() {
+        let agent = replay_agent(&scripted_agent(0.3), &RoundConfig::default()).unwrap();
+        let solved = |id: &str, text: &str| Question {
+            solution: vec![searchloop_core::SolutionStep {
+                tool: "catalog".into(),
+                input: "the right one".into(),
+            }],
+            ..question(id, text)
+        };
+        let prompts = [
+            solved("h1", "a hard question"),
+            solved("v1", "a varied question"),
+            question("h2", "another hard question"),
+        ];
+        let mut config = RoundConfig {
+            prompts_per_round: 3,
+            group_size: 4,
+            dynamic_sampling: true,
+            demonstrations: true,
+            ..RoundConfig::default()
+        };
+        let (stats, batch) = sample(&agent, &prompts, &config).await;
+        // The hard group with a solution gets the teacher's episode and so has spread; the
+        // varied group already answered right; the hard group without a solution stays flat.
+        assert_eq!(stats.demonstrations, 1, "{stats:?}");
+        assert_eq!(stats.informative_groups, 2, "{stats:?}");
+        let (sequences, batch_stats) = batch.finish();
+        assert_eq!(
+            (sequences.len(), batch_stats.demonstration_sequences),
+            (13, 1)
+        );
+        let demonstration = sequences.iter().find(|s| s.demonstration).unwrap();
+        let first_hard = &sequences[0];
+        assert_eq!(demonstration.group_id, first_hard.group_id);
+        assert!(demonstration.reward > first_hard.reward);
+
+        // Off by default.
+        config.demonstrations = false;
+        let (stats, batch) = sample(&agent, &prompts, &config).await;
+        assert_eq!((stats.demonstrations, batch.len()), (0, 12));
     }
 
     #[tokio::test]

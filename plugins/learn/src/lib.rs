@@ -12,6 +12,10 @@
 //!   task kind's feedback reward ([`RunningMean`]), kept per adapter lineage in the registry's
 //!   learning state ([`searchloop_store_sql::LearningState`]).
 //!
+//! With `demonstrations` on, a replay group that found no answer as good as a teacher's gets a
+//! teacher episode playing its question's worked solution (`demonstration.rs`), trained with
+//! rescored log-probs.
+//!
 //! Each episode becomes a [`searchloop_train_sapo::TrainSequence`] ([`batch`]): its exact token
 //! ids, a loss mask over the model's own tokens, the behaviour log-probs and the temperature
 //! they were sampled at (the trainer scores under the same temperature), its training reward
@@ -49,6 +53,7 @@
 
 pub mod batch;
 pub mod config;
+mod demonstration;
 pub mod error;
 pub mod eval;
 pub mod fetch;

@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use searchloop_core::{Split, TaskInfo};
+use searchloop_core::{SolutionStep, Split, TaskInfo};
 use searchloop_store_sql::{Page, Store, TrajectoryFilter};
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +29,10 @@ pub struct Question {
     pub kind: String,
     /// The tools a good episode calls to answer it (empty: not said).
     pub tools: Vec<String>,
+    /// A worked solution, the tool calls that lead to the answer (empty: none given); a round
+    /// with demonstrations on renders it into a teacher's episode.
+    #[serde(default)]
+    pub solution: Vec<SolutionStep>,
 }
 
 impl Question {
@@ -56,6 +60,8 @@ struct QuestionLine {
     #[serde(default)]
     tools: Vec<String>,
     #[serde(default)]
+    solution: Vec<SolutionStep>,
+    #[serde(default)]
     split: Option<Split>,
 }
 
@@ -67,6 +73,7 @@ impl QuestionLine {
             answers: self.answers,
             kind: self.kind.unwrap_or_default(),
             tools: self.tools,
+            solution: self.solution,
         }
     }
 }
@@ -195,6 +202,7 @@ pub async fn logged_train_prompts(store: &Store, limit: usize) -> Result<Vec<Que
             answers: task.gold_answers,
             kind: task.kind,
             tools: Vec::new(),
+            solution: Vec::new(),
         });
     }
     Ok(prompts)
@@ -291,6 +299,7 @@ mod tests {
             answers: vec!["a".into()],
             kind: kind.into(),
             tools: Vec::new(),
+            solution: Vec::new(),
         };
         let prompts = vec![
             question("q1", "single_hop"),
@@ -376,6 +385,7 @@ mod tests {
                 answers: vec![i.to_string()],
                 kind: String::new(),
                 tools: Vec::new(),
+                solution: Vec::new(),
             })
             .collect();
         let mut seen = HashSet::new();

@@ -178,6 +178,7 @@ async fn serving_and_trainer_log_probs_match_on_the_real_model() {
         baseline: None,
         adapter_version: None,
         temperature: 0.7,
+        demonstration: false,
     };
     let (q_mean, q_max, q_n) = gap(&trainer_model, &q);
     println!(

@@ -167,6 +167,7 @@ fn synthetic_batch(model: &Llama) -> Result<Vec<TrainSequence>> {
                 baseline: None,
                 adapter_version: None,
                 temperature: 1.0,
+                demonstration: false,
             });
         }
     }

@@ -53,6 +53,12 @@ pub struct TrainSequence {
     /// `softmax(logits / temperature)`, the distribution `behaviour_logprobs` come from.
     #[serde(default = "unit_temperature")]
     pub temperature: f64,
+    /// A worked demonstration rather than a sample: its tokens were written, not drawn, so
+    /// `behaviour_logprobs` mean nothing and `logp_old` is always recomputed under the
+    /// trainer's starting adapter. Its ratio then starts at 1, and the clipped objective moves
+    /// the policy toward it as far as the loss lets it move toward any sample of the batch.
+    #[serde(default)]
+    pub demonstration: bool,
 }
 
 fn unit_temperature() -> f64 {
@@ -268,6 +274,7 @@ struct Prepared {
     advantage: f64,
     temperature: f64,
     adapter_version: Option<u64>,
+    demonstration: bool,
 }
 
 impl Trainer {
@@ -398,22 +405,26 @@ impl Trainer {
                 advantage: a,
                 temperature: s.temperature,
                 adapter_version: s.adapter_version,
+                demonstration: s.demonstration,
             })
             .collect();
 
         let mut gap = GapStats::default();
         let recompute = self.config.old_logprobs == OldLogprobSource::Recompute;
         let keep_sampler = self.config.loss.is_correction != IsCorrection::None;
-        if recompute && !prepared.is_empty() {
+        // Demonstrations are always rescored: their recorded log-probs are not a sampler's.
+        let rescored: Vec<usize> = (0..prepared.len())
+            .filter(|&i| recompute || prepared[i].demonstration)
+            .collect();
+        if !rescored.is_empty() {
             self.adapter.set_training(false);
             // Micro-batches of one behaviour adapter each: `Some(version)` for a version the
-            // trainer holds, `None` for the trainer's own adapter.
+            // trainer holds, `None` for the trainer's own adapter (always a demonstration's).
             let mut by_behaviour: BTreeMap<Option<Option<u64>>, Vec<usize>> = BTreeMap::new();
-            for (i, p) in prepared.iter().enumerate() {
+            for i in rescored {
+                let p = &prepared[i];
                 let version = p.adapter_version;
-                let key = self
-                    .behaviour_adapters
-                    .contains_key(&version)
+                let key = (!p.demonstration && self.behaviour_adapters.contains_key(&version))
                     .then_some(version);
                 by_behaviour.entry(key).or_default().push(i);
             }
@@ -426,6 +437,14 @@ impl Trainer {
                     let lps = self.logprobs_no_grad(&prepared, &chunk, adapter)?;
                     for (&i, lp) in chunk.iter().zip(lps) {
                         let p = &mut prepared[i];
+                        if p.demonstration {
+                            // No sampler drew it, so a sampler correction sees a ratio of 1.
+                            if keep_sampler {
+                                p.sampler = Some(lp.clone());
+                            }
+                            p.old = lp;
+                            continue;
+                        }
                         gap.add(&p.mask, &p.old, &lp);
                         let recorded = std::mem::replace(&mut p.old, lp);
                         if keep_sampler {
@@ -509,7 +528,9 @@ impl Trainer {
             if let Some(gap) = gap.as_deref_mut() {
                 let rows = logp.detach().to_dtype(DType::F32)?.to_vec2::<f32>()?;
                 for (&i, row) in micro.iter().zip(rows) {
-                    gap.add(&data[i].mask, &data[i].old, &row);
+                    if !data[i].demonstration {
+                        gap.add(&data[i].mask, &data[i].old, &row);
+                    }
                 }
             }
             let sampler = match &batch.sampler {
@@ -893,6 +914,7 @@ mod tests {
                     baseline: None,
                     adapter_version: None,
                     temperature: params.temperature,
+                    demonstration: false,
                 });
             }
         }
@@ -1057,6 +1079,7 @@ mod tests {
             advantage: 1.0,
             temperature: 1.0,
             adapter_version: None,
+            demonstration: false,
         })
         .collect();
         // Sorted: [1 2 3 4 5 6] (6), [1 2 3 4 7 8] (+2), [1 2 3 9] (+1), [1 2 5] (+1) = 10 packed
@@ -1090,6 +1113,51 @@ mod tests {
         assert!(gap < 1e-5, "sampler/trainer gap {gap}");
         // Right after recomputation the first step is exactly on-policy.
         assert!((report.steps[0].loss.ratio_mean - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_demonstration_is_rescored_and_pulls_a_group_that_never_found_the_answer() {
+        let mut t = toy_trainer(1, toy_config_trainer());
+        let start = next_token_probs(&t);
+        // The least likely token: a group of samples practically never finds it.
+        let target = start
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut batch = rollouts(&t, target, 1, &mut rng);
+        assert!(batch.iter().all(|s| s.reward == 0.0));
+        // Written, not sampled: its recorded log-probs are meaningless (0 here, as a teacher
+        // records them).
+        let demonstration = TrainSequence {
+            tokens: vec![PROMPT[0], PROMPT[1], PROMPT[2], target],
+            loss_mask: vec![false, false, false, true],
+            behaviour_logprobs: vec![0.0; 4],
+            reward: 1.0,
+            group_id: "g0".into(),
+            baseline: None,
+            adapter_version: None,
+            temperature: 1.0,
+            demonstration: true,
+        };
+        batch.push(demonstration.clone());
+        let report = t.train(&batch).unwrap();
+        // Rescored, it starts exactly on-policy, and it is left out of the sampler gap.
+        assert!((report.steps[0].loss.ratio_mean - 1.0).abs() < 1e-6);
+        assert!(report.logprob_gap.unwrap() < 1e-5);
+        let p1 = next_token_probs(&t)[target as usize];
+        let p0 = start[target as usize];
+        assert!(p1 > 1.5 * p0, "p(target) {p0} -> {p1}");
+
+        // Taken as a sample instead, its recorded log-prob of 0 puts the ratio far from 1 and
+        // shows up as a gap: the flag is what makes the difference.
+        let mut plain = toy_trainer(1, toy_config_trainer());
+        let last = batch.len() - 1;
+        batch[last].demonstration = false;
+        let report = plain.train(&batch).unwrap();
+        assert!(report.logprob_gap_max.unwrap() > 1.0);
     }
 
     #[test]
@@ -1350,6 +1418,7 @@ mod tests {
             baseline: None,
             adapter_version: None,
             temperature: 1.0,
+            demonstration: false,
         };
         let short_mask = TrainSequence {
             loss_mask: vec![false, true],
