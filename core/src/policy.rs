@@ -75,6 +75,18 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Where a sampler stops in `text`: the end of the stop string that completes first, and
+    /// that string; `None` when no stop string occurs.
+    pub fn first_stop(&self, text: &str) -> Option<(usize, &str)> {
+        self.stop
+            .iter()
+            .filter_map(|stop| {
+                text.find(stop.as_str())
+                    .map(|at| (at + stop.len(), stop.as_str()))
+            })
+            .min_by_key(|(end, _)| *end)
+    }
+
     /// Checks that every value is in range, so a bad config fails before any model work.
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
@@ -218,6 +230,20 @@ impl std::fmt::Debug for PolicySlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_stop_is_the_one_that_completes_first() {
+        let p = SamplingParams {
+            stop: vec!["</search>".into(), "\n".into()],
+            ..SamplingParams::default()
+        };
+        assert_eq!(p.first_stop("aurora tote\n</search>"), Some((12, "\n")));
+        assert_eq!(
+            p.first_stop("aurora tote</search>\n"),
+            Some((20, "</search>"))
+        );
+        assert_eq!(p.first_stop("aurora tote"), None);
+    }
 
     #[test]
     fn default_sampling_is_neutral_and_valid() {

@@ -136,14 +136,9 @@ impl Policy for ScriptedPolicy {
         // Work on bytes: a byte is a token here, and a cut may fall inside a character.
         let mut bytes = full.as_bytes();
         let mut finish = FinishReason::Eos;
-        if let Some((at, stop)) = params
-            .stop
-            .iter()
-            .filter_map(|s| full.find(s.as_str()).map(|at| (at + s.len(), s)))
-            .min_by_key(|(at, _)| *at)
-        {
+        if let Some((at, stop)) = params.first_stop(&full) {
             bytes = &bytes[..at];
-            finish = FinishReason::Stop(stop.clone());
+            finish = FinishReason::Stop(stop.to_string());
         }
         if bytes.len() > params.max_tokens {
             bytes = &bytes[..params.max_tokens];

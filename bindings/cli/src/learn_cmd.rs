@@ -653,8 +653,8 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     let mut md = format!(
         "Held-out EM of the served model after each round: mean over seeds (min–max). \
          lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
-         tool reward {}, dynamic sampling {}, demonstrations {}, after an observation the turn starts with {:?}, \
-         replay prompts of kinds {}.\n\n",
+         tool reward {}, dynamic sampling {}, demonstrations {}, after an observation the turn \
+         starts with {:?}, replay prompts of kinds {}.\n\n",
         args.lr,
         args.epochs,
         args.prompts,

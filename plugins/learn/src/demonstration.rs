@@ -169,14 +169,8 @@ impl Teacher {
                 params.max_tokens
             ));
         }
-        // Where a sampler would have stopped: the earliest end of a stop string in the text.
-        let first_stop = params
-            .stop
-            .iter()
-            .filter_map(|stop| text.find(stop.as_str()).map(|at| (at + stop.len(), stop)))
-            .min_by_key(|(end, _)| *end);
-        let stop = match first_stop {
-            Some((end, stop)) if end == text.len() => stop.clone(),
+        let stop = match params.first_stop(text) {
+            Some((end, stop)) if end == text.len() => stop.to_string(),
             Some((_, stop)) => return Err(format!("the turn {text:?} holds the stop {stop:?}")),
             None => return Err(format!("the turn {text:?} ends at no stop string")),
         };
@@ -345,7 +339,12 @@ mod tests {
         assert_eq!(t.tool_calls.len(), 1);
         assert_eq!(t.tool_calls[0].arguments["query"], "nova tote");
         // Rewarded like any episode: exact match against the gold answers.
-        assert!(t.rewards.iter().any(|r| r.source == searchloop_core::reward::source::EXACT_MATCH && r.value == 1.0));
+        let exact = searchloop_core::reward::source::EXACT_MATCH;
+        assert!(
+            t.rewards
+                .iter()
+                .any(|r| r.source == exact && r.value == 1.0)
+        );
         assert_eq!(t.sampling.temperature, 0.7);
         assert!(t.logprobs.iter().all(|&lp| lp == 0.0));
         // The model itself would have answered "red": the teacher is its own policy.
