@@ -350,6 +350,28 @@ fn learn_runs_a_round_writes_its_report_and_resumes_instead_of_repeating() {
     let rounds_after = std::fs::read_to_string(run.join("rounds.jsonl")).unwrap();
     assert_eq!(rounds_after, rounds);
 
+    // A warm start: the first round of another arm plays two of the data set's worked
+    // solutions through the real protocol and tools and trains on them, sampling nothing.
+    let mut warm_args = args.to_vec();
+    let arm = warm_args.iter().position(|a| *a == "--arms").unwrap() + 1;
+    warm_args[arm] = "sapo";
+    warm_args.extend(["--warm-start", "2"]);
+    let warm = run_searchloop(&warm_args, &[]);
+    let (out, err) = (stdout_of(&warm), stderr_of(&warm));
+    assert!(warm.status.success(), "{out}\n{err}");
+    assert!(out.contains("warm start 2"), "{out}");
+    let warm_rounds =
+        std::fs::read_to_string(workdir.join("runs/sapo-seed1/rounds.jsonl")).unwrap();
+    let line: serde_json::Value =
+        serde_json::from_str(warm_rounds.lines().next().unwrap()).unwrap();
+    // Each demonstration is a group of its own, and none was sampled.
+    assert_eq!(line["informative_groups"], 2, "{warm_rounds}");
+    assert!(line["candidate"].is_u64(), "{warm_rounds}");
+    assert!(
+        line["rollout_prompts"].as_u64().unwrap() >= 2,
+        "{warm_rounds}"
+    );
+
     // `learn` in the same work folder with one bad option: it fails, and says why on stderr.
     let refused = |option: &str, value: &str| {
         let output = run_searchloop(

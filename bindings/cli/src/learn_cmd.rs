@@ -98,6 +98,11 @@ pub struct LearnArgs {
     /// that found no answer as good (see `[learn.round] demonstrations`).
     #[arg(long)]
     pub demonstrations: bool,
+    /// Start each run by imitating this many worked solutions (a warm-start round of teacher
+    /// episodes under CISPO, gated like any round) before the replay rounds; 0: none (see
+    /// `[learn.round] warm_start`).
+    #[arg(long, default_value_t = 0)]
+    pub warm_start: usize,
     /// Weight of the reward for calling the tools a question needs (0: none).
     #[arg(long, default_value_t = 0.1)]
     pub tool_reward: f64,
@@ -344,6 +349,7 @@ fn run_config(
     round.prompt_kinds = args.prompt_kinds.clone();
     round.dynamic_sampling = args.dynamic_sampling;
     round.demonstrations = args.demonstrations;
+    round.warm_start = args.warm_start;
     round.seed = seed;
     round.lora.seed = seed;
     round.threads = if args.threads == 0 {
@@ -653,8 +659,8 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
     let mut md = format!(
         "Held-out EM of the served model after each round: mean over seeds (min–max). \
          lr {}, {} PPO epochs, {} prompts × {} episodes a round, rollout temperature {}, \
-         tool reward {}, dynamic sampling {}, demonstrations {}, after an observation the turn \
-         starts with {:?}, replay prompts of kinds {}.\n\n",
+         tool reward {}, dynamic sampling {}, demonstrations {}, warm start {}, after an \
+         observation the turn starts with {:?}, replay prompts of kinds {}.\n\n",
         args.lr,
         args.epochs,
         args.prompts,
@@ -663,6 +669,7 @@ fn write_report(reports: &[RunReport], args: &LearnArgs, out: &Path) -> anyhow::
         args.tool_reward,
         args.dynamic_sampling,
         args.demonstrations,
+        args.warm_start,
         args.after_observation_prefill
             .clone()
             .or(ProtocolConfig::default().after_observation_prefill)

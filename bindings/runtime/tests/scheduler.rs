@@ -282,6 +282,62 @@ async fn the_isdd_alarm_rejects_a_candidate_without_evaluating_it() {
     assert_eq!(runtime.agent().policy().current().adapter_version(), None);
 }
 
+#[tokio::test]
+async fn a_warm_start_candidate_is_judged_by_its_evaluation_not_the_isdd_alarm() {
+    let mut ws = Workspace::new(60);
+    ws.config.learn = Some(ws.learn_config(2));
+    let (runtime, loader) = scripted(&ws).await;
+    // The alarming steps of the test above, from a batch of demonstrations only: its ratios
+    // measure how far it imitated, and the gate evaluates it instead.
+    let batch = |demonstrations: usize| {
+        serde_json::from_value::<searchloop_learn::RoundSummary>(serde_json::json!({
+            "round": 0, "parent": null, "steps": 2, "trained_sequences": 4,
+            "logprob_gap": null, "logprob_gap_max": null, "rollout_episodes": 0,
+            "rollout_tokens": 0, "rollout_seconds": 0.0, "train_seconds": 1.0,
+            "trained_tokens": 100, "threads": 1,
+            "batch": {
+                "sequences": 4, "replay_sequences": 4 - demonstrations,
+                "feedback_sequences": 0, "demonstration_sequences": demonstrations,
+                "groups": 4, "zero_std_groups": 0, "zero_std_frac": 0.0, "reward_mean": 1.0,
+                "reward_std": 0.0, "response_len_mean": 5.0, "sequence_len_mean": 25.0,
+                "tool_calls_mean": 1.0, "temperature_mean": 0.7, "skipped": {}
+            }
+        }))
+        .unwrap()
+    };
+    let alarming = vec![step(1, 1.0, 0.0, 1.0), step(2, 0.6, 0.4, 1.1)];
+    runtime.set_round_runner(Arc::new(CraftedRound {
+        steps: alarming.clone(),
+        summary: Some(batch(4)),
+        ..CraftedRound::new(Craft::Stub)
+    }));
+    let report = runtime.train_now().await.unwrap();
+    assert!(
+        report.candidate_eval.is_some() && report.incumbent_eval.is_some(),
+        "{report:?}"
+    );
+    if let GateVerdict::Reject { reason } = &report.verdict {
+        assert!(!reason.contains("ISDD"), "{reason}");
+    }
+    assert_eq!(
+        loader.loads.load(Ordering::SeqCst),
+        2,
+        "the candidate was loaded"
+    );
+
+    // One sampled sequence among them and the alarm judges again.
+    runtime.set_round_runner(Arc::new(CraftedRound {
+        steps: alarming,
+        summary: Some(batch(3)),
+        ..CraftedRound::new(Craft::Stub)
+    }));
+    let report = runtime.train_now().await.unwrap();
+    let GateVerdict::Reject { reason } = &report.verdict else {
+        panic!("promoted despite the alarm: {report:?}");
+    };
+    assert!(reason.contains("ISDD alarm at step 2"), "{reason}");
+}
+
 /// A fleet's store on PostgreSQL (a schema of its own in `SEARCHLOOP_PG_URL`'s database): one
 /// process trains at a time; a second one is refused while the first holds the trainer lease,
 /// and takes over once the first gives it up or dies.

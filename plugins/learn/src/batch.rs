@@ -170,7 +170,8 @@ pub struct BatchStats {
     pub replay_sequences: usize,
     /// Of which logged with host feedback.
     pub feedback_sequences: usize,
-    /// Of which a teacher's demonstrations, added to replay groups that found no answer as good.
+    /// Of which a teacher's demonstrations (added to replay groups that found no answer as
+    /// good, or a warm start's).
     #[serde(default)]
     pub demonstration_sequences: usize,
     /// Distinct groups; an episode trained against a baseline counts as a group of its own.
@@ -199,6 +200,11 @@ pub struct BatchStats {
 }
 
 impl BatchStats {
+    /// Whether the batch holds demonstrations only (a warm start's): no token of it was sampled.
+    pub fn demonstrations_only(&self) -> bool {
+        self.sequences > 0 && self.demonstration_sequences == self.sequences
+    }
+
     fn of(builder: &BatchBuilder) -> BatchStats {
         let sequences = &builder.sequences;
         let n = sequences.len().max(1) as f64;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use searchloop_core::Device;
 use searchloop_llama::{LoraConfig, MergeEncoding};
-use searchloop_train_sapo::{TrainError, TrainerConfig};
+use searchloop_train_sapo::{LossKind, TrainError, TrainerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnError, Result};
@@ -106,6 +106,15 @@ pub struct RoundConfig {
     /// [`searchloop_train_sapo::TrainSequence::demonstration`]). It is kept only when a tool's
     /// observation holds the gold answer, so it shows an answer read from the tools.
     pub demonstrations: bool,
+    /// A warm start from demonstrations: a round that starts from the base model (no promoted
+    /// adapter yet) trains on this many teacher episodes playing worked solutions of
+    /// train-split prompts (of `prompt_kinds`), instead of sampling replay groups; 0 turns it
+    /// off. Each trains with its reward as its advantage (a baseline of 0), under CISPO,
+    /// whatever the round's loss: a clipped loss stops pushing a token once its ratio passes
+    /// `1 + clip_eps`, which would cap how far one round can imitate, while CISPO's clipped
+    /// weight never drops a token's gradient. Later rounds (from a promoted adapter) sample
+    /// as configured.
+    pub warm_start: usize,
     /// Seed of prompt choice and replay sampling.
     pub seed: u64,
     /// Episodes longer than this many tokens are left out (their activations would not fit).
@@ -145,6 +154,7 @@ impl Default for RoundConfig {
             dynamic_sampling: false,
             max_prompt_draws: 0,
             demonstrations: false,
+            warm_start: 0,
             seed: 0,
             max_sequence_tokens: 2048,
             max_feedback_episodes: 256,
@@ -187,6 +197,14 @@ impl RoundConfig {
         }
         validate_trainer(&self.trainer)?;
         validate_lora(&self.lora)
+    }
+
+    /// The config of a warm-start round (see [`RoundConfig::warm_start`]): this one, trained
+    /// under CISPO.
+    pub fn for_warm_start(&self) -> RoundConfig {
+        let mut config = self.clone();
+        config.trainer.loss.kind = LossKind::Cispo;
+        config
     }
 
     /// Most replay prompts a round tries (`prompts_per_round` without dynamic sampling).

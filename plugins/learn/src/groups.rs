@@ -80,6 +80,22 @@ fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
     u64::from_le_bytes(bytes) >> 8
 }
 
+/// Where a round's replay episodes go, and what gathering them reports to.
+pub(crate) struct Gathering<'a> {
+    /// The round's number, which seeds its episodes.
+    pub round: u64,
+    /// Turns an episode's reward ledger into its training reward.
+    pub reward_policy: &'a RewardPolicy,
+    /// Episodes past these are left out of the batch.
+    pub limits: SequenceLimits,
+    /// The round's batch.
+    pub batch: &'a mut BatchBuilder,
+    /// Checked between waves of episodes.
+    pub cancel: &'a AtomicBool,
+    /// Told the episodes done and the episodes planned.
+    pub progress: &'a (dyn Fn(usize, usize) + Sync),
+}
+
 /// Samples groups of `config.group_size` episodes and adds them to `batch`: one group for
 /// each of the first `config.prompts_per_round` prompts, all at once so a batching engine
 /// decodes them together. With dynamic sampling, a group whose episodes all earn the same
@@ -88,17 +104,11 @@ fn replay_seed(seed: u64, round: u64, k: usize) -> u64 {
 /// group whose episodes all earned less than a teacher playing its question's worked solution
 /// gets the teacher's episode (see [`crate::RoundConfig::demonstrations`]). Checks `cancel`
 /// between waves and reports progress after each group.
-#[allow(clippy::too_many_arguments)]
 pub(crate) async fn replay_groups(
     agent: &Agent,
     prompts: &[Question],
     config: &RoundConfig,
-    round: u64,
-    reward_policy: &RewardPolicy,
-    limits: SequenceLimits,
-    batch: &mut BatchBuilder,
-    cancel: &AtomicBool,
-    progress: &(dyn Fn(usize, usize) + Sync),
+    out: &mut Gathering<'_>,
 ) -> Result<ReplayStats> {
     let started = std::time::Instant::now();
     let mut stats = ReplayStats::default();
@@ -106,7 +116,7 @@ pub(crate) async fn replay_groups(
     let total = target * config.group_size;
     let mut next = 0;
     while stats.informative_groups < target && next < prompts.len() {
-        if cancel.load(Ordering::SeqCst) {
+        if out.cancel.load(Ordering::SeqCst) {
             return Err(LearnError::Cancelled);
         }
         let wave = (target - stats.informative_groups).min(prompts.len() - next);
@@ -115,7 +125,7 @@ pub(crate) async fn replay_groups(
                 question: prompts[k].question.clone(),
                 task: Some(prompts[k].task_info(Split::Train)),
                 group_id: None,
-                seed: Some(replay_seed(config.seed, round, k)),
+                seed: Some(replay_seed(config.seed, out.round, k)),
             };
             agent.run_group(request, config.group_size)
         }))
@@ -133,35 +143,34 @@ pub(crate) async fn replay_groups(
             for t in &group {
                 stats.episodes += 1;
                 stats.generated_tokens += t.loss_mask().iter().filter(|&&m| m).count();
-                let Some(reward) = reward_policy.combine(&t.rewards) else {
+                let Some(reward) = out.reward_policy.combine(&t.rewards) else {
                     continue;
                 };
                 rewards.push(reward);
-                batch.push(t, reward, &group_id, None, Origin::Replay, limits);
+                out.batch
+                    .push(t, reward, &group_id, None, Origin::Replay, out.limits);
             }
             if config.demonstrations && !prompts[k].solution.is_empty() {
                 let best = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let seed = replay_seed(config.seed, round, k);
-                match demonstrate(agent, &prompts[k], seed).await? {
-                    Demonstrated::Episode(t) => {
-                        // Only a group that found nothing as good needs to be shown.
-                        if let Some(reward) = reward_policy
-                            .combine(&t.rewards)
-                            .filter(|&r| r > best + 1e-9)
-                        {
-                            rewards.push(reward);
-                            stats.demonstrations += 1;
-                            batch.push(&t, reward, &group_id, None, Origin::Demonstration, limits);
-                        }
-                    }
-                    Demonstrated::Unfit(reason) => {
-                        stats.unfit_solutions += 1;
-                        tracing::debug!(question = %prompts[k].id, %reason, "unfit solution");
-                    }
-                    Demonstrated::Ungrounded => {
-                        stats.ungrounded_solutions += 1;
-                        tracing::debug!(question = %prompts[k].id, "ungrounded solution");
-                    }
+                let seed = replay_seed(config.seed, out.round, k);
+                let played = demonstration(agent, &prompts[k], seed, &mut stats).await?;
+                // Only a group that found nothing as good needs to be shown.
+                if let Some(t) = played
+                    && let Some(reward) = out
+                        .reward_policy
+                        .combine(&t.rewards)
+                        .filter(|&r| r > best + 1e-9)
+                {
+                    rewards.push(reward);
+                    stats.demonstrations += 1;
+                    out.batch.push(
+                        &t,
+                        reward,
+                        &group_id,
+                        None,
+                        Origin::Demonstration,
+                        out.limits,
+                    );
                 }
             }
             let spread = rewards.iter().copied().fold(f64::NEG_INFINITY, f64::max)
@@ -170,7 +179,7 @@ pub(crate) async fn replay_groups(
             if spread > 1e-9 || !config.dynamic_sampling {
                 stats.informative_groups += 1;
             }
-            progress(stats.episodes.min(total), total);
+            (out.progress)(stats.episodes.min(total), total);
         }
     }
     stats.seconds = started.elapsed().as_secs_f64();
@@ -183,6 +192,97 @@ pub(crate) async fn replay_groups(
         );
     }
     Ok(stats)
+}
+
+/// Plays the worked solutions of `prompts` (those that carry one, in order) until
+/// `config.warm_start` demonstrations are in `batch` or the prompts run out, for a warm-start
+/// round (see [`crate::RoundConfig::warm_start`]). Each is trained alone, with its reward as
+/// its advantage: the group-relative baseline needs samples, and a warm start has none. A
+/// solution the protocol cannot play, or that does not reach its answer, is counted and
+/// skipped. No prompt with a solution is an error: a warm start that shows nothing would train
+/// an empty round.
+pub(crate) async fn warm_start_demonstrations(
+    agent: &Agent,
+    prompts: &[Question],
+    config: &RoundConfig,
+    out: &mut Gathering<'_>,
+) -> Result<ReplayStats> {
+    let started = std::time::Instant::now();
+    let mut stats = ReplayStats::default();
+    let solved: Vec<&Question> = prompts.iter().filter(|q| !q.solution.is_empty()).collect();
+    if solved.is_empty() {
+        return Err(LearnError::Config(format!(
+            "warm_start is {} but no train-split prompt of the round's kinds carries a worked \
+             solution",
+            config.warm_start
+        )));
+    }
+    for (k, question) in solved.into_iter().enumerate() {
+        if stats.demonstrations >= config.warm_start {
+            break;
+        }
+        if out.cancel.load(Ordering::SeqCst) {
+            return Err(LearnError::Cancelled);
+        }
+        stats.prompts += 1;
+        let seed = replay_seed(config.seed, out.round, k);
+        let Some(t) = demonstration(agent, question, seed, &mut stats).await? else {
+            continue;
+        };
+        match out.reward_policy.combine(&t.rewards) {
+            Some(reward) if reward > 0.0 => {
+                stats.episodes += 1;
+                stats.demonstrations += 1;
+                stats.informative_groups += 1;
+                let group_id = format!("warm-start-{}-{k}", out.round);
+                out.batch.push(
+                    &t,
+                    reward,
+                    &group_id,
+                    Some(0.0),
+                    Origin::Demonstration,
+                    out.limits,
+                );
+                (out.progress)(stats.demonstrations, config.warm_start);
+            }
+            // An answer read from the tools that the reward policy does not reward would be
+            // imitated against its own reward: left out, and said.
+            reward => {
+                tracing::warn!(question = %question.id, ?reward, "a demonstration earned no reward")
+            }
+        }
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    tracing::info!(
+        added = stats.demonstrations,
+        unfit = stats.unfit_solutions,
+        ungrounded = stats.ungrounded_solutions,
+        "warm-start demonstrations"
+    );
+    Ok(stats)
+}
+
+/// The episode of a teacher playing `question`'s worked solution, or `None` (counted in
+/// `stats`) when the protocol cannot play it or it does not reach its answer.
+async fn demonstration(
+    agent: &Agent,
+    question: &Question,
+    seed: u64,
+    stats: &mut ReplayStats,
+) -> Result<Option<Box<Trajectory>>> {
+    Ok(match demonstrate(agent, question, seed).await? {
+        Demonstrated::Episode(t) => Some(t),
+        Demonstrated::Unfit(reason) => {
+            stats.unfit_solutions += 1;
+            tracing::debug!(question = %question.id, %reason, "unfit solution");
+            None
+        }
+        Demonstrated::Ungrounded => {
+            stats.ungrounded_solutions += 1;
+            tracing::debug!(question = %question.id, "ungrounded solution");
+            None
+        }
+    })
 }
 
 /// Running feedback baselines by task kind, carried from round to round in the adapter
@@ -403,32 +503,55 @@ mod tests {
         }
     }
 
-    /// Samples the replay groups of one round over `prompts` and returns what they did, with
-    /// the batch they filled.
+    /// A question whose worked solution searches the catalog for `input`.
+    fn solved(id: &str, text: &str, input: &str) -> Question {
+        Question {
+            solution: vec![searchloop_core::SolutionStep {
+                tool: "catalog".into(),
+                input: input.into(),
+            }],
+            ..question(id, text)
+        }
+    }
+
+    const TEST_LIMITS: SequenceLimits = SequenceLimits {
+        vocab_size: 256,
+        max_tokens: 100_000,
+    };
+
+    /// Gathers round 0's replay episodes over `prompts` (a warm start's demonstrations when
+    /// `warm_start`, else sampled groups) and returns what that did, with the batch it filled.
+    async fn gather(
+        agent: &Agent,
+        prompts: &[Question],
+        config: &RoundConfig,
+        warm_start: bool,
+    ) -> Result<(ReplayStats, BatchBuilder)> {
+        let mut batch = BatchBuilder::default();
+        let (reward_policy, cancel) = (RewardPolicy::default(), AtomicBool::new(false));
+        let mut out = Gathering {
+            round: 0,
+            reward_policy: &reward_policy,
+            limits: TEST_LIMITS,
+            batch: &mut batch,
+            cancel: &cancel,
+            progress: &|_, _| {},
+        };
+        let stats = if warm_start {
+            warm_start_demonstrations(agent, prompts, config, &mut out).await?
+        } else {
+            replay_groups(agent, prompts, config, &mut out).await?
+        };
+        Ok((stats, batch))
+    }
+
+    /// Samples the replay groups of round 0 over `prompts`.
     async fn sample(
         agent: &Agent,
         prompts: &[Question],
         config: &RoundConfig,
     ) -> (ReplayStats, BatchBuilder) {
-        let mut batch = BatchBuilder::default();
-        let limits = SequenceLimits {
-            vocab_size: 256,
-            max_tokens: 100_000,
-        };
-        let stats = replay_groups(
-            agent,
-            prompts,
-            config,
-            0,
-            &RewardPolicy::default(),
-            limits,
-            &mut batch,
-            &AtomicBool::new(false),
-            &|_, _| {},
-        )
-        .await
-        .unwrap();
-        (stats, batch)
+        gather(agent, prompts, config, false).await.unwrap()
     }
 
     #[tokio::test]
@@ -469,16 +592,9 @@ mod tests {
     #[tokio::test]
     async fn a_demonstration_joins_only_a_group_that_found_no_answer_as_good() {
         let agent = replay_agent(&scripted_agent(0.3), &RoundConfig::default()).unwrap();
-        let solved = |id: &str, text: &str| Question {
-            solution: vec![searchloop_core::SolutionStep {
-                tool: "catalog".into(),
-                input: "the right one".into(),
-            }],
-            ..question(id, text)
-        };
         let prompts = [
-            solved("h1", "a hard question"),
-            solved("v1", "a varied question"),
+            solved("h1", "a hard question", "the right one"),
+            solved("v1", "a varied question", "the right one"),
             question("h2", "another hard question"),
         ];
         let mut config = RoundConfig {
@@ -507,6 +623,59 @@ mod tests {
         config.demonstrations = false;
         let (stats, batch) = sample(&agent, &prompts, &config).await;
         assert_eq!((stats.demonstrations, batch.len()), (0, 12));
+    }
+
+    #[tokio::test]
+    async fn a_warm_start_trains_each_grounded_demonstration_alone_against_a_zero_baseline() {
+        let agent = scripted_agent(0.3);
+        let prompts = [
+            question("n1", "a hard question without a solution"),
+            solved("u1", "a hard question", "somewhere else"),
+            solved("h1", "a hard question", "the right one"),
+            solved("h2", "another hard question", "the right one"),
+            solved("h3", "a third hard question", "the right one"),
+        ];
+        let config = RoundConfig {
+            warm_start: 2,
+            ..RoundConfig::default()
+        };
+        let (stats, batch) = gather(&agent, &prompts, &config, true).await.unwrap();
+        // The prompt without a solution is passed over, the ungrounded one (its search shows
+        // no gold answer) is counted and skipped, and the third solved one is not needed.
+        assert_eq!(stats.ungrounded_solutions, 1, "{stats:?}");
+        assert_eq!((stats.prompts, stats.demonstrations), (3, 2), "{stats:?}");
+        let (sequences, batch_stats) = batch.finish();
+        assert_eq!(batch_stats.demonstration_sequences, 2);
+        for s in &sequences {
+            assert!(s.demonstration);
+            assert_eq!(s.baseline, Some(0.0));
+            assert!(s.reward > 0.0, "{}", s.reward);
+        }
+        assert_ne!(sequences[0].group_id, sequences[1].group_id);
+
+        // Prompts without a worked solution cannot warm-start a round.
+        let err = gather(&agent, &prompts[..1], &config, true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("warm_start is 2"), "{err}");
+    }
+
+    #[test]
+    fn a_warm_start_round_trains_under_cispo() {
+        let config = RoundConfig {
+            warm_start: 4,
+            ..RoundConfig::default()
+        };
+        assert_eq!(
+            config.trainer.loss.kind,
+            searchloop_train_sapo::LossKind::Sapo
+        );
+        let warm = config.for_warm_start();
+        assert_eq!(
+            warm.trainer.loss.kind,
+            searchloop_train_sapo::LossKind::Cispo
+        );
+        assert_eq!(warm.trainer.learning_rate, config.trainer.learning_rate);
     }
 
     #[tokio::test]

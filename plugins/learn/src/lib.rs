@@ -14,7 +14,8 @@
 //!
 //! With `demonstrations` on, a replay group that found no answer as good as a teacher's gets a
 //! teacher episode playing its question's worked solution (`demonstration.rs`), trained with
-//! rescored log-probs.
+//! rescored log-probs. With `warm_start`, a round from the base model samples nothing: it
+//! imitates that many teacher episodes, under CISPO.
 //!
 //! Each episode becomes a [`searchloop_train_sapo::TrainSequence`] ([`batch`]): its exact token
 //! ids, a loss mask over the model's own tokens, the behaviour log-probs and the temperature

@@ -31,9 +31,9 @@ use crate::{
     config::RoundConfig,
     error::{LearnError, Result},
     fetch::read_adapter_files,
-    groups::{feedback_groups, replay_agent, replay_groups},
+    groups::{Gathering, feedback_groups, replay_agent, replay_groups, warm_start_demonstrations},
     metrics::{METRICS_FILE, MetricsLine, MetricsWriter, RoundSummary, step_line},
-    questions::{logged_train_prompts, of_kinds, pick_prompts, read_train_prompts},
+    questions::{Question, logged_train_prompts, of_kinds, pick_prompts, read_train_prompts},
 };
 
 /// The merged model's file name inside an adapter's folder.
@@ -113,6 +113,16 @@ pub async fn run_round_observed(
     observer: &dyn RoundObserver,
 ) -> Result<RoundOutput> {
     config.validate()?;
+    // A round from the base model with a warm start imitates demonstrations (and is trained,
+    // and recorded, under the warm start's config).
+    let warm_start = config.warm_start > 0 && ctx.parent.is_none() && config.source.replay();
+    let warm_config;
+    let config = if warm_start {
+        warm_config = config.for_warm_start();
+        &warm_config
+    } else {
+        config
+    };
     if ctx.parent.is_some() != ctx.parent_adapter_dir.is_some() {
         return Err(LearnError::Config(
             "a parent adapter version needs its folder, and a folder its version".into(),
@@ -143,24 +153,39 @@ pub async fn run_round_observed(
             None => logged_train_prompts(ctx.store, usize::MAX).await?,
         };
         let prompts = of_kinds(prompts, &config.prompt_kinds)?;
-        let chosen = pick_prompts(&prompts, config.prompt_draws(), round, config.seed);
-        if chosen.is_empty() {
-            tracing::warn!("no train-split prompts: the round samples no replay groups");
-        }
-        let agent = replay_agent(ctx.agent, config)?;
         let progress = |done, total| observer.rollouts(done, total);
-        replay = replay_groups(
-            &agent,
-            &chosen,
-            config,
+        // Demonstrations too are recorded at the rollout temperature, where the trainer scores
+        // them: a greedy serving agent's episodes have no distribution to train.
+        let agent = replay_agent(ctx.agent, config)?;
+        let mut out = Gathering {
             round,
-            &reward_policy,
+            reward_policy: &reward_policy,
             limits,
-            &mut batch,
-            ctx.cancel,
-            &progress,
-        )
-        .await?;
+            batch: &mut batch,
+            cancel: ctx.cancel,
+            progress: &progress,
+        };
+        replay = if warm_start {
+            let solved: Vec<Question> = prompts
+                .into_iter()
+                .filter(|q| !q.solution.is_empty())
+                .collect();
+            // The whole walk, so that a solution the protocol cannot play is replaced by the
+            // next; a later warm-start round (its parent's was rejected) starts where this
+            // one's demonstrations end.
+            let mut chosen = pick_prompts(&solved, solved.len(), 0, config.seed);
+            if !chosen.is_empty() {
+                let len = chosen.len();
+                chosen.rotate_left((round as usize).wrapping_mul(config.warm_start) % len);
+            }
+            warm_start_demonstrations(&agent, &chosen, config, &mut out).await?
+        } else {
+            let chosen = pick_prompts(&prompts, config.prompt_draws(), round, config.seed);
+            if chosen.is_empty() {
+                tracing::warn!("no train-split prompts: the round samples no replay groups");
+            }
+            replay_groups(&agent, &chosen, config, &mut out).await?
+        };
     }
     // An adapter registered by hand left no learning state: its rounds start both afresh.
     let parent_state = match ctx.parent {

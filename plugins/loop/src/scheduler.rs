@@ -689,9 +689,10 @@ impl Shared {
         }
     }
 
-    /// Judges the candidate: the ISDD alarm first (it needs no evaluation), then the candidate
-    /// and the serving model on the same held-out questions and seed. Records the results and
-    /// promotes or rejects.
+    /// Judges the candidate: the ISDD alarm first (it needs no evaluation; a warm start's
+    /// candidate, trained on demonstrations only, has no sampled tokens for it), then the
+    /// candidate and the serving model on the same held-out questions and seed. Records the
+    /// results and promotes or rejects.
     async fn gate(
         &self,
         candidate: &RoundCandidate,
@@ -711,7 +712,19 @@ impl Shared {
         let mut candidate_policy = None;
         let items = config.eval.load_items()?;
         let key = self.eval_key(config, items.len())?;
-        if let Some(reason) = gate::isdd_alarm(&candidate.train.steps, &config.gate.isdd) {
+        // The alarm reads drift between sampler and trainer on sampled tokens. A round that
+        // trained demonstrations only (a warm start) sampled none, and the rise of its ratios
+        // is how far it moved toward them, which is its purpose: the evaluation judges it.
+        let demonstrations_only = candidate
+            .summary
+            .as_ref()
+            .is_some_and(|s| s.batch.demonstrations_only());
+        let alarm = if demonstrations_only {
+            None
+        } else {
+            gate::isdd_alarm(&candidate.train.steps, &config.gate.isdd)
+        };
+        if let Some(reason) = alarm {
             outcome.verdict = GateVerdict::Reject { reason };
         } else {
             let policy = self

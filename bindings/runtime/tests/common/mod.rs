@@ -310,6 +310,8 @@ pub struct CraftedRound {
     pub hold_bytes: usize,
     /// Rounds run so far.
     pub runs: AtomicUsize,
+    /// The round summary reported.
+    pub summary: Option<searchloop_learn::RoundSummary>,
 }
 
 impl CraftedRound {
@@ -325,6 +327,7 @@ impl CraftedRound {
             wait_for_cancel: false,
             hold_bytes: 0,
             runs: AtomicUsize::new(0),
+            summary: None,
         }
     }
 }
@@ -355,7 +358,7 @@ impl RoundRunner for CraftedRound {
         Ok(RoundCandidate {
             record,
             train: train_report(self.steps.clone()),
-            summary: None,
+            summary: self.summary.clone(),
         })
     }
 }
