@@ -1,6 +1,7 @@
 //! Agent episodes over the demo's three real tools, wired from the demo's own config and
 //! recorded in its store: one calls the tantivy catalog and then the SQL inventory the demo
-//! seeds, another the help center's HTTP search API through the HTTP search tool.
+//! seeds, another the help center's HTTP search API through the HTTP search tool; and the
+//! generated inventory questions' worked solutions, called on the same real tools.
 //!
 //! The policy is scripted (the embedded 135M model rarely writes a well-formed named-tool call,
 //! see the demo), so this test checks the wiring the model would use: the registry routing
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use searchloop_core::{
     Agent, EpisodeRequest, PolicySlot, Split, TaskInfo, ToolRegistry, Trajectory, TrajectorySink,
-    scripted::ScriptedPolicy,
+    reward::normalize_answer, scripted::ScriptedPolicy,
 };
 use searchloop_demo::help_center::RunningHelpCenter;
 use searchloop_demo::retail;
@@ -230,4 +231,50 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
     let stored = store.get_trajectory(&trajectory.id).await.unwrap().unwrap();
     assert_eq!(stored.tool_calls, trajectory.tool_calls);
     store.close().await;
+}
+
+/// The generated inventory questions' worked solutions, called on the demo's real tools: the
+/// catalog search lists the product, and the inventory's `stock_in_store` call accepts the
+/// arguments and answers with the gold answer. A warm start imitates these calls, so a
+/// solution the tool refused would teach the model a failing call.
+#[tokio::test]
+async fn inventory_solutions_call_the_real_tools_and_find_the_gold_answer() {
+    let work = tempfile::tempdir().unwrap();
+    let workdir = work.path().join("data");
+    prepare_demo(&workdir, 1);
+    let config = AppConfig::load(&workdir.join("searchloop.toml")).unwrap();
+    let tools = build_tools(&config).await.unwrap();
+    let questions = retail::read_questions(&workdir.join("data/questions.jsonl")).unwrap();
+    let inventory: Vec<_> = questions
+        .iter()
+        .filter(|q| q.kind == retail::QuestionKind::Inventory)
+        .collect();
+    assert!(inventory.len() >= 100, "{}", inventory.len());
+    for question in inventory {
+        let steps: Vec<(&str, &str)> = question
+            .solution
+            .iter()
+            .map(|s| (s.tool.as_str(), s.input.as_str()))
+            .collect();
+        let [("catalog", product), ("inventory", arguments)] = steps.as_slice() else {
+            panic!("{question:?}");
+        };
+        let listed = tools
+            .invoke("catalog", serde_json::json!({ "query": product }))
+            .await;
+        assert!(listed.error.is_none(), "{listed:?}");
+        assert!(listed.observation.contains(product), "{listed:?}");
+        let arguments: serde_json::Value = serde_json::from_str(arguments).unwrap();
+        let stock = tools.invoke("inventory", arguments).await;
+        assert!(stock.error.is_none(), "{question:?}: {stock:?}");
+        let observation = format!(" {} ", normalize_answer(&stock.observation));
+        assert!(
+            question
+                .answers
+                .iter()
+                .any(|gold| observation.contains(&format!(" {} ", normalize_answer(gold)))),
+            "{question:?}: {}",
+            stock.observation
+        );
+    }
 }

@@ -269,26 +269,61 @@ pub struct Question {
     /// Tools needed to answer: [`TOOL_CATALOG`], [`TOOL_INVENTORY`], [`TOOL_HELP`].
     pub tools: Vec<String>,
     /// A worked solution: the tool calls that lead to the answer, in order. Written for the
-    /// catalog questions (a search that lists the product); empty for the others, whose calls
-    /// need the inventory's or help center's argument formats.
+    /// catalog questions (a search that lists the product) and the inventory questions (that
+    /// search, then the inventory's `stock_in_store` query for the product and city); empty for
+    /// store questions, whose help-center search no protocol that opens with a catalog search
+    /// can play.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub solution: Vec<SolutionStep>,
 }
 
 /// The worked solution of a question of `kind` with text `text` about `product`.
 fn solution_for(kind: QuestionKind, text: &str, product: Option<&Product>) -> Vec<SolutionStep> {
-    let query = match (kind, product) {
-        (QuestionKind::SingleHop, Some(product)) => Some(product.name.clone()),
-        (QuestionKind::MultiHop, _) => MultiHop::parse(text).ok().map(|q| q.catalog_query()),
-        _ => None,
+    let step = |tool: &str, input: String| SolutionStep {
+        tool: tool.to_string(),
+        input,
     };
-    query
-        .map(|input| SolutionStep {
-            tool: TOOL_CATALOG.to_string(),
-            input,
-        })
+    match (kind, product) {
+        (QuestionKind::SingleHop, Some(product)) => {
+            vec![step(TOOL_CATALOG, product.name.clone())]
+        }
+        (QuestionKind::MultiHop, _) => MultiHop::parse(text)
+            .ok()
+            .map(|q| step(TOOL_CATALOG, q.catalog_query()))
+            .into_iter()
+            .collect(),
+        (QuestionKind::Inventory, Some(product)) => inventory_city(text)
+            .map(|city| {
+                vec![
+                    step(TOOL_CATALOG, product.name.clone()),
+                    step(
+                        TOOL_INVENTORY,
+                        stock_in_store_arguments(&product.name, city),
+                    ),
+                ]
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// The city an inventory question asks about.
+fn inventory_city(text: &str) -> Option<&str> {
+    [IN_STOCK_TEMPLATE, COUNT_TEMPLATE, RESTOCK_TEMPLATE]
         .into_iter()
-        .collect()
+        .find_map(|template| match_two(template, text))
+        .map(|(_, city)| city)
+}
+
+/// The inventory tool's arguments for its `stock_in_store` query, keys in the order the tool
+/// describes them (a JSON map would sort them), as the system prompt's example writes a call.
+fn stock_in_store_arguments(product_name: &str, city: &str) -> String {
+    let quoted = |value: &str| serde_json::Value::from(value).to_string();
+    format!(
+        "{{\"query\": \"stock_in_store\", \"product_name\": {}, \"city\": {}}}",
+        quoted(product_name),
+        quoted(city)
+    )
 }
 
 /// Parameters of [`generate`].
@@ -2079,7 +2114,7 @@ mod tests {
     }
 
     #[test]
-    fn catalog_questions_carry_a_search_for_their_product_as_solution() -> TestResult {
+    fn catalog_and_inventory_questions_carry_their_tool_calls_as_solution() -> TestResult {
         let data = dataset(42);
         let by_sku: BTreeMap<&str, &Product> =
             data.products.iter().map(|p| (p.sku.as_str(), p)).collect();
@@ -2108,7 +2143,30 @@ mod tests {
                         );
                     }
                 }
-                QuestionKind::Inventory | QuestionKind::StoreInfo => assert!(inputs.is_empty()),
+                QuestionKind::Inventory => {
+                    let product = by_sku[q.skus[0].as_str()];
+                    let [(TOOL_CATALOG, name), (TOOL_INVENTORY, arguments)] = inputs.as_slice()
+                    else {
+                        panic!("{q:?}");
+                    };
+                    assert_eq!(*name, product.name);
+                    let city = data
+                        .stores
+                        .iter()
+                        .map(|s| s.city.as_str())
+                        .find(|city| q.question.contains(&format!(" the {city} store")))
+                        .ok_or("no city in the question")?;
+                    let arguments: serde_json::Value = serde_json::from_str(arguments)?;
+                    assert_eq!(
+                        arguments,
+                        serde_json::json!({
+                            "query": "stock_in_store",
+                            "product_name": product.name,
+                            "city": city,
+                        })
+                    );
+                }
+                QuestionKind::StoreInfo => assert!(inputs.is_empty()),
             }
         }
 
