@@ -842,3 +842,40 @@ async fn concurrent_calls_return_what_sequential_calls_return() -> Result<()> {
     }
     Ok(())
 }
+
+/// A multi-hop question describes its product instead of naming it. Pasted whole into a search,
+/// it ranks the product among the first three for most questions; the generator's worked
+/// solution (the question's filters) lists it within five for nearly all of them. Both figures
+/// are what a learned search can reach on these questions.
+#[test]
+fn multi_hop_questions_and_their_solutions_list_their_product() -> Result<()> {
+    let (_dir, index) = generated_index()?;
+    let questions: Vec<_> = dataset()
+        .questions
+        .iter()
+        .filter(|q| q.kind == QuestionKind::MultiHop)
+        .collect();
+    let rank = |text: &str, sku: &str| -> Result<Option<usize>> {
+        Ok(skus(&index, text, 5)?.iter().position(|s| s == sku))
+    };
+    let (mut question_at1, mut question_at3, mut solution_at1, mut solution_at5) = (0, 0, 0, 0);
+    for question in &questions {
+        let sku = question.skus[0].as_str();
+        let pasted = rank(&question.question, sku)?;
+        question_at1 += usize::from(pasted == Some(0));
+        question_at3 += usize::from(pasted.is_some_and(|r| r < 3));
+        let solution = rank(&question.solution[0].input, sku)?;
+        solution_at1 += usize::from(solution == Some(0));
+        solution_at5 += usize::from(solution.is_some());
+    }
+    let n = questions.len();
+    println!(
+        "{n} multi-hop questions: the question text ranks its product first for \
+         {question_at1}, within three for {question_at3}; the solution's filters first for \
+         {solution_at1}, within five for {solution_at5}"
+    );
+    ensure!(n >= 100, "{n}");
+    ensure!(question_at3 * 10 >= n * 6, "{question_at3} of {n}");
+    ensure!(solution_at5 * 10 >= n * 8, "{solution_at5} of {n}");
+    Ok(())
+}
