@@ -843,39 +843,28 @@ async fn concurrent_calls_return_what_sequential_calls_return() -> Result<()> {
     Ok(())
 }
 
-/// A multi-hop question describes its product instead of naming it. Pasted whole into a search,
-/// it ranks the product among the first three for most questions; the generator's worked
-/// solution (the question's filters) lists it within five for nearly all of them. Both figures
-/// are what a learned search can reach on these questions.
+/// A multi-hop question describes its product instead of naming it. Its worked solution is the
+/// question itself as the search, which ranks the product first for most questions and within
+/// the catalog tool's three results for more: what a learned copy of the question can reach.
 #[test]
-fn multi_hop_questions_and_their_solutions_list_their_product() -> Result<()> {
+fn multi_hop_solutions_list_their_product_among_the_first_results() -> Result<()> {
     let (_dir, index) = generated_index()?;
     let questions: Vec<_> = dataset()
         .questions
         .iter()
         .filter(|q| q.kind == QuestionKind::MultiHop)
         .collect();
-    let rank = |text: &str, sku: &str| -> Result<Option<usize>> {
-        Ok(skus(&index, text, 5)?.iter().position(|s| s == sku))
-    };
-    let (mut question_at1, mut question_at3, mut solution_at1, mut solution_at5) = (0, 0, 0, 0);
+    let (mut at1, mut at3) = (0usize, 0usize);
     for question in &questions {
-        let sku = question.skus[0].as_str();
-        let pasted = rank(&question.question, sku)?;
-        question_at1 += usize::from(pasted == Some(0));
-        question_at3 += usize::from(pasted.is_some_and(|r| r < 3));
-        let solution = rank(&question.solution[0].input, sku)?;
-        solution_at1 += usize::from(solution == Some(0));
-        solution_at5 += usize::from(solution.is_some());
+        ensure!(question.solution.len() == 1, "{question:?}");
+        let top = skus(&index, &question.solution[0].input, 3)?;
+        at1 += usize::from(top.first() == Some(&question.skus[0]));
+        at3 += usize::from(top.contains(&question.skus[0]));
     }
     let n = questions.len();
-    println!(
-        "{n} multi-hop questions: the question text ranks its product first for \
-         {question_at1}, within three for {question_at3}; the solution's filters first for \
-         {solution_at1}, within five for {solution_at5}"
-    );
+    println!("{n} multi-hop solutions: the product first for {at1}, within three for {at3}");
     ensure!(n >= 100, "{n}");
-    ensure!(question_at3 * 10 >= n * 6, "{question_at3} of {n}");
-    ensure!(solution_at5 * 10 >= n * 8, "{solution_at5} of {n}");
+    ensure!(at1 * 2 >= n, "{at1} of {n}");
+    ensure!(at3 * 10 >= n * 6, "{at3} of {n}");
     Ok(())
 }
