@@ -22,6 +22,19 @@ use searchloop_runtime::{
     service::{build_tools, open_store},
 };
 
+/// A prepared demo: the temporary folder's guard, the demo's folder inside it, and its config.
+type PreparedDemo = (tempfile::TempDir, std::path::PathBuf, AppConfig);
+
+/// A demo data set prepared in a fresh temporary folder (kept alive by the returned guard),
+/// with its folder and its config.
+fn prepared_demo() -> Result<PreparedDemo, Box<dyn std::error::Error>> {
+    let work = tempfile::tempdir()?;
+    let workdir = work.path().join("data");
+    prepare_demo(&workdir, 1);
+    let config = AppConfig::load(&workdir.join("searchloop.toml"))?;
+    Ok((work, workdir, config))
+}
+
 /// The text between `start` and `end` in `text`.
 fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
     let from = text.find(start)? + start.len();
@@ -146,9 +159,7 @@ async fn scripted_episode(
 
 #[tokio::test]
 async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_stored() {
-    let work = tempfile::tempdir().unwrap();
-    let workdir = work.path().join("data");
-    prepare_demo(&workdir, 1);
+    let (_work, workdir, mut config) = prepared_demo().unwrap();
 
     // The demo's help center stopped with the demo; serve it again and point its tool file at
     // it, as the demo does on every run.
@@ -158,7 +169,6 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
         .unwrap();
     std::fs::write(workdir.join("help.toml"), help_center.tool_config_toml()).unwrap();
 
-    let mut config = AppConfig::load(&workdir.join("searchloop.toml")).unwrap();
     // The default protocol prefills `<answer>` after the first observation, which keeps the
     // 135M model from rambling; a model that can plan several tool calls runs without it.
     config.agent.protocol.after_observation_prefill = None;
@@ -239,10 +249,7 @@ async fn episodes_call_the_catalog_the_inventory_and_the_help_center_and_are_sto
 /// solution the tool refused would teach the model a failing call.
 #[tokio::test]
 async fn inventory_solutions_call_the_real_tools_and_find_the_gold_answer() {
-    let work = tempfile::tempdir().unwrap();
-    let workdir = work.path().join("data");
-    prepare_demo(&workdir, 1);
-    let config = AppConfig::load(&workdir.join("searchloop.toml")).unwrap();
+    let (_work, workdir, config) = prepared_demo().unwrap();
     let tools = build_tools(&config).await.unwrap();
     let questions = retail::read_questions(&workdir.join("data/questions.jsonl")).unwrap();
     let inventory: Vec<_> = questions

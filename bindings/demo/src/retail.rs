@@ -87,6 +87,7 @@ const WIDTH_TEMPLATE: &str = "How wide is the {name}?";
 const IN_STOCK_TEMPLATE: &str = "Is the {name} in stock in the {city} store?";
 const COUNT_TEMPLATE: &str = "How many units of the {name} does the {city} store have?";
 const RESTOCK_TEMPLATE: &str = "When will the {name} be restocked in the {city} store?";
+const INVENTORY_TEMPLATES: [&str; 3] = [IN_STOCK_TEMPLATE, COUNT_TEMPLATE, RESTOCK_TEMPLATE];
 
 /// Store question templates, answered from the help center's store pages.
 const WEEKDAY_OPENS_TEMPLATE: &str = "What time does the {city} store open on weekdays?";
@@ -293,8 +294,8 @@ fn solution_for(kind: QuestionKind, text: &str, product: Option<&Product>) -> Ve
         // solutions opened multi-hop questions, where filter solutions had lowered single-hop
         // EM (BENCHMARKS.md).
         (QuestionKind::MultiHop, _) => vec![step(TOOL_CATALOG, text.to_string())],
-        (QuestionKind::Inventory, Some(product)) => inventory_city(text)
-            .map(|city| {
+        (QuestionKind::Inventory, Some(product)) => match_inventory(text)
+            .map(|(_, _, city)| {
                 vec![
                     step(TOOL_CATALOG, product.name.clone()),
                     step(
@@ -308,12 +309,11 @@ fn solution_for(kind: QuestionKind, text: &str, product: Option<&Product>) -> Ve
     }
 }
 
-/// The city an inventory question asks about.
-fn inventory_city(text: &str) -> Option<&str> {
-    [IN_STOCK_TEMPLATE, COUNT_TEMPLATE, RESTOCK_TEMPLATE]
+/// The template an inventory question fills in, with its product name and city.
+fn match_inventory(text: &str) -> Option<(&'static str, &str, &str)> {
+    INVENTORY_TEMPLATES
         .into_iter()
-        .find_map(|template| match_two(template, text))
-        .map(|(_, city)| city)
+        .find_map(|template| match_two(template, text).map(|(name, city)| (template, name, city)))
 }
 
 /// The inventory tool's arguments for its `stock_in_store` query, keys in the order the tool
@@ -1723,27 +1723,23 @@ impl<'a> Index<'a> {
     }
 
     fn inventory(&self, text: &str) -> Result<(Vec<String>, &'a Product), String> {
-        for template in [IN_STOCK_TEMPLATE, COUNT_TEMPLATE, RESTOCK_TEMPLATE] {
-            let Some((name, city)) = match_two(template, text) else {
-                continue;
-            };
-            let product = self
-                .by_name
-                .get(name)
-                .ok_or_else(|| format!("no product is named {name:?}"))?;
-            let store = self
-                .store_by_city
-                .get(city)
-                .ok_or_else(|| format!("no store is in {city:?}"))?;
-            let row = self
-                .stock
-                .get(&(product.sku.as_str(), store.id.as_str()))
-                .ok_or_else(|| format!("no stock row for {} in {}", product.sku, store.id))?;
-            let answers = inventory_answers(template, row)
-                .ok_or_else(|| format!("{} has no restock date in {city}", product.name))?;
-            return Ok((answers, *product));
-        }
-        Err("matches no inventory question template".into())
+        let (template, name, city) =
+            match_inventory(text).ok_or("matches no inventory question template")?;
+        let product = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| format!("no product is named {name:?}"))?;
+        let store = self
+            .store_by_city
+            .get(city)
+            .ok_or_else(|| format!("no store is in {city:?}"))?;
+        let row = self
+            .stock
+            .get(&(product.sku.as_str(), store.id.as_str()))
+            .ok_or_else(|| format!("no stock row for {} in {}", product.sku, store.id))?;
+        let answers = inventory_answers(template, row)
+            .ok_or_else(|| format!("{} has no restock date in {city}", product.name))?;
+        Ok((answers, *product))
     }
 
     fn store_info(&self, text: &str) -> Result<Vec<String>, String> {
