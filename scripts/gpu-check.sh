@@ -174,7 +174,8 @@ wait "$server" 2>/dev/null
 tail -3 "$OUT/serve.log"
 
 # The learning benchmark's GPU profile in the time that is left: six runs, each starting with a
-# warm start of 64 worked solutions and stopping its rounds at its share of the minutes.
+# warm start of 64 worked solutions over the three kinds the catalog answers (the CPU's best
+# measured setting) and stopping its rounds at its share of the minutes.
 left=$((budget_s - $(elapsed) - 30))
 runs=$((2 * learn_seeds))
 minutes=$(awk -v left="$left" -v runs="$runs" 'BEGIN { printf "%.2f", left / runs / 60 * 0.5 }')
@@ -183,7 +184,7 @@ if [ "$left" -gt 60 ]; then
     step "learn sapo,grpo x $learn_seeds seeds" "$left" "$bin" --device "$device" learn --workdir "$work/learn" \
         --arms sapo,grpo --seeds "$learn_seeds" --rounds 20 --minutes "$minutes" --eval "$learn_eval" \
         --generalization "$learn_generalization" --prompts "$prompts" --group-size "$group" --threads 8 \
-        --warm-start 64 \
+        --warm-start 64 --prompt-kinds inventory,single_hop,multi_hop \
         --out "$OUT/learn"
     # The runs' records, so that a report can be rebuilt even when the time ran out first.
     for run in "$work"/learn/runs/*/; do
