@@ -174,8 +174,8 @@ wait "$server" 2>/dev/null
 tail -3 "$OUT/serve.log"
 
 # The learning benchmark's GPU profile in the time that is left: six runs, each starting with a
-# warm start of 64 worked solutions over the three kinds the catalog answers (the CPU's best
-# measured setting) and stopping its rounds at its share of the minutes.
+# warm start of 64 worked solutions, replaying single-hop, multi-hop and inventory questions
+# (the CPU's best measured setting), and stopping its rounds at its share of the minutes.
 left=$((budget_s - $(elapsed) - 30))
 runs=$((2 * learn_seeds))
 minutes=$(awk -v left="$left" -v runs="$runs" 'BEGIN { printf "%.2f", left / runs / 60 * 0.5 }')
