@@ -46,9 +46,46 @@ fi
     exit 1
 }
 
-log "building llama-server (CPU, native instruction set)"
+# Some virtual machines list the AMX instructions among the CPU's flags but do not enable their
+# register state, so the first tile instruction stops the process (llama.cpp's AMX kernels run
+# for Q4_1 matrices as soon as the native build includes them). A probe runs one tile
+# instruction; where it fails, the build leaves AMX out and says so.
+isa_flags=""
+if grep -qw amx_tile /proc/cpuinfo; then
+    probe="$cache/amx-probe"
+    cat > "$probe.c" <<'PROBE'
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Asks the kernel for the tile data state, as llama.cpp does, then loads a tile configuration
+   and zeroes a tile: an illegal instruction here is one in llama.cpp's AMX kernels too. */
+int main(void) {
+    if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
+        return 1;
+    uint8_t config[64];
+    memset(config, 0, sizeof config);
+    config[0] = 1;
+    config[16] = 64;
+    config[48] = 16;
+    _tile_loadconfig(config);
+    _tile_zero(0);
+    _tile_release();
+    return 0;
+}
+PROBE
+    if ! { cc -O1 -mamx-tile "$probe.c" -o "$probe" && "$probe"; } >/dev/null 2>&1; then
+        log "the CPU lists AMX but cannot run its instructions here; building without AMX"
+        isa_flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+    fi
+fi
+
+log "building llama-server (CPU, native instruction set${isa_flags:+, without AMX})"
 "$cache/venv/bin/cmake" -S "$sources" -B "$cache/build" -G Ninja \
     -DCMAKE_MAKE_PROGRAM="$cache/venv/bin/ninja" \
+    -DCMAKE_C_FLAGS="$isa_flags" -DCMAKE_CXX_FLAGS="$isa_flags" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
 "$cache/venv/bin/cmake" --build "$cache/build" --target llama-server -j "$(nproc)" >&2
