@@ -15,7 +15,8 @@
 #   1. a demo episode on the GPU (f32 weights);
 #   2. held-out evaluation with f32, the file's Q4_1 and Q8_0 weights, and the mistral.rs engine;
 #   3. a replay group round (16 prompts × 8 episodes) and its training;
-#   4. the HTTP server under 1, 16 and 64 concurrent askers;
+#   4. the HTTP server under 1 and 8 concurrent askers on the same questions (the issue's
+#      serving target is their ratio), then 16 and 64;
 #   5. `searchloop learn`'s GPU profile (SAPO and GRPO, 3 seeds), in the time that is left.
 # Everything goes to $OUT/log, step times to $OUT/steps.tsv, and the learning report to
 # $OUT/learn. `dry-run` runs the same script on this machine's CPU build with tiny sizes, so a
@@ -57,7 +58,7 @@ run)
     export LD_LIBRARY_PATH="$nv/cu13/lib:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     # Sizes of the real run.
     demo_questions=12 eval_questions=32 prompts=16 group=8 asks=64 learn_seeds=3 learn_eval=64
-    learn_generalization=32 budget_s=560
+    learn_generalization=32 warm_start=64 budget_s=560
     ;;
 dry-run)
     work="$(mktemp -d)"
@@ -65,7 +66,7 @@ dry-run)
     mkdir -p "$OUT"
     device=cpu
     demo_questions=2 eval_questions=2 prompts=2 group=2 asks=4 learn_seeds=1 learn_eval=2
-    learn_generalization=2 budget_s=600
+    learn_generalization=2 warm_start=2 budget_s=600
     ;;
 *)
     sed -n '2,7p' "$0" >&2
@@ -137,18 +138,16 @@ for v in f32 q4_1; do
         train --once --from-base --source replay --prompts "$n" --group-size "$group" --steps 4 --lr 2e-4
 done
 
-# The server under concurrent askers.
-port=18093
-"$bin" --config "$ws/f32.toml" --device "$device" serve --bind "127.0.0.1:$port" >"$OUT/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 120); do
-    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2>/dev/null && break
-    sleep 1
-done
-step "HTTP askers 1, 16, 64" 100 python3 - "$port" "$ws/data/questions.jsonl" "$asks" <<'PY'
+# The server under concurrent askers, in a steady load: each asker takes the next question when
+# its answer is in. One asker and then eight ask the same 16 questions with the same seed, so
+# they do the same episodes and their ratio is the issue's serving target; each of the two
+# passes gets a server of its own, since the second would otherwise find the first's episodes
+# among its cached prefixes. The second server then takes 16 and 64 askers, the overload.
+cat >"$work/ask.py" <<'PY'
 import json, sys, time, urllib.request, concurrent.futures as cf
-port, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-questions = [json.loads(line)["question"] for line in open(path)][:n]
+port, path, first, count, askers = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
+questions = [json.loads(line)["question"] for line in open(path)]
+asked = questions[first : first + count]
 def ask(q):
     body = json.dumps({"question": q, "seed": 1}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/ask", body, {"content-type": "application/json"})
@@ -159,23 +158,49 @@ def ask(q):
     except Exception as e:
         print("ask failed:", e)
         return time.time() - t, False
-for askers in (1, 16, 64):
-    t0 = time.time()
-    with cf.ThreadPoolExecutor(askers) as pool:
-        results = list(pool.map(ask, questions[: max(askers, min(n, 2 * askers))]))
-    wall = time.time() - t0
-    lat = sorted(r[0] for r in results)
-    ok = sum(r[1] for r in results)
-    print(f"askers {askers}: {len(results)} asks ({ok} ok) in {wall:.1f} s = {len(results) / wall:.2f} req/s, "
-          f"p50 {lat[len(lat) // 2]:.2f} s, max {lat[-1]:.2f} s", flush=True)
+t0 = time.time()
+with cf.ThreadPoolExecutor(askers) as pool:
+    results = list(pool.map(ask, asked))
+wall = time.time() - t0
+lat = sorted(r[0] for r in results)
+ok = sum(r[1] for r in results)
+print(f"askers {askers}: {len(results)} asks ({ok} ok) in {wall:.1f} s = {len(results) / wall:.2f} req/s, "
+      f"p50 {lat[len(lat) // 2]:.2f} s, max {lat[-1]:.2f} s", flush=True)
+print(f"{askers}\t{len(results) / wall:.4f}\t{lat[len(lat) // 2]:.4f}", file=open(sys.argv[6], "a"))
 PY
-kill "$server" 2>/dev/null
-wait "$server" 2>/dev/null
+port=18093
+serve() {
+    "$bin" --config "$ws/f32.toml" --device "$device" serve --bind "127.0.0.1:$port" >>"$OUT/serve.log" 2>&1 &
+    server=$!
+    for _ in $(seq 120); do
+        python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)" 2>/dev/null && break
+        sleep 1
+    done
+    # One question outside the measured ones, so that the system prompt is cached for both passes.
+    python3 "$work/ask.py" "$port" "$ws/data/questions.jsonl" "$asks" 1 1 /dev/null >/dev/null
+}
+unserve() {
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+}
+rates="$OUT/askers.tsv"
+same=$((asks < 16 ? asks : 16))
+serve
+step "HTTP 1 asker, $same questions" 100 python3 "$work/ask.py" "$port" "$ws/data/questions.jsonl" 0 "$same" 1 "$rates"
+unserve
+serve
+step "HTTP 8 askers, the same $same questions" 60 python3 "$work/ask.py" "$port" "$ws/data/questions.jsonl" 0 "$same" 8 "$rates"
+step "HTTP 16 askers, $((2 * same)) questions" 60 python3 "$work/ask.py" "$port" "$ws/data/questions.jsonl" 0 $((2 * same)) 16 "$rates"
+step "HTTP 64 askers, $asks questions" 100 python3 "$work/ask.py" "$port" "$ws/data/questions.jsonl" 0 "$asks" 64 "$rates"
+unserve
+awk -F'\t' '$1 == 1 { r1 = $2; p1 = $3 } $1 == 8 { r8 = $2; p8 = $3 }
+    END { if (r1 > 0 && p1 > 0) printf "8 askers against 1 on the same questions: %.2fx the req/s, p50 %.2fx\n", r8 / r1, p8 / p1 }' "$rates"
 tail -3 "$OUT/serve.log"
 
 # The learning benchmark's GPU profile in the time that is left: six runs, each starting with a
-# warm start of 64 worked solutions, replaying single-hop, multi-hop and inventory questions
-# (the CPU's best measured setting), and stopping its rounds at its share of the minutes.
+# warm start of worked solutions (64; 2 in a dry run), replaying single-hop, multi-hop and
+# inventory questions (the CPU's best measured setting), and stopping its rounds at its share of
+# the minutes.
 left=$((budget_s - $(elapsed) - 30))
 runs=$((2 * learn_seeds))
 minutes=$(awk -v left="$left" -v runs="$runs" 'BEGIN { printf "%.2f", left / runs / 60 * 0.5 }')
@@ -184,7 +209,7 @@ if [ "$left" -gt 60 ]; then
     step "learn sapo,grpo x $learn_seeds seeds" "$left" "$bin" --device "$device" learn --workdir "$work/learn" \
         --arms sapo,grpo --seeds "$learn_seeds" --rounds 20 --minutes "$minutes" --eval "$learn_eval" \
         --generalization "$learn_generalization" --prompts "$prompts" --group-size "$group" --threads 8 \
-        --warm-start 64 --prompt-kinds inventory,single_hop,multi_hop \
+        --warm-start "$warm_start" --prompt-kinds inventory,single_hop,multi_hop \
         --out "$OUT/learn"
     # The runs' records, so that a report can be rebuilt even when the time ran out first.
     for run in "$work"/learn/runs/*/; do
