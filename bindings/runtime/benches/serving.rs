@@ -76,33 +76,11 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-/// Runs `questions` at once (question `i` with seed `seed + i`) and returns the wall time, each
-/// episode's latency and the tokens generated.
-async fn all_at_once(
-    runtime: &Runtime,
-    ws: &Workspace,
-    questions: &[&Question],
-    seed: u64,
-) -> (f64, Vec<f64>, usize) {
-    let started = Instant::now();
-    let runs = questions.iter().enumerate().map(|(i, q)| async move {
-        let t = Instant::now();
-        let trajectory = runtime.run(ws.request(q, seed + i as u64)).await.unwrap();
-        (
-            t.elapsed().as_secs_f64(),
-            trajectory.tokens_of(SegmentKind::Model).len(),
-        )
-    });
-    let results = join_all(runs).await;
-    let latencies = results.iter().map(|(s, _)| *s).collect();
-    let tokens = results.iter().map(|(_, n)| *n).sum();
-    (started.elapsed().as_secs_f64(), latencies, tokens)
-}
-
 /// Asks `questions` through `askers` askers, each taking the next question as soon as its
 /// previous answer is in (question `i` with seed `seed + i`, whoever asks it), and returns the
-/// wall time, each request's latency and the tokens generated.
-async fn steady(
+/// wall time, each request's latency and the tokens generated. With as many askers as
+/// questions, every question is asked at once.
+async fn ask_through(
     runtime: &Runtime,
     ws: &Workspace,
     questions: &[&Question],
@@ -248,7 +226,8 @@ async fn measure(
         .take(prompts)
         .flat_map(|q| std::iter::repeat_n(*q, group))
         .collect();
-    let (wall, _, replay_tokens) = all_at_once(&runtime, &ws, &group_questions, 1000).await;
+    let (wall, _, replay_tokens) =
+        ask_through(&runtime, &ws, &group_questions, group_questions.len(), 1000).await;
     let replay_episodes_per_s = group_questions.len() as f64 / wall;
     println!(
         "{name}: replay group {prompts} x {group}: {wall:.1} s, {replay_episodes_per_s:.3} episodes/s, \
@@ -261,7 +240,7 @@ async fn measure(
         .take(askers)
         .copied()
         .collect();
-    let (wall, mut latencies, _) = all_at_once(&runtime, &ws, &burst, 2000).await;
+    let (wall, mut latencies, _) = ask_through(&runtime, &ws, &burst, burst.len(), 2000).await;
     let askers_per_s = burst.len() as f64 / wall;
     let askers_p50_s = median(&mut latencies);
     println!(
@@ -284,7 +263,7 @@ async fn measure(
     // cached prefixes and skip most of their prefill.
     let (wall, _, one_tokens) = {
         let (fresh, _server) = start(served, &ws, heldout[0]).await;
-        steady(&fresh, &ws, &load, 1, 3000).await
+        ask_through(&fresh, &ws, &load, 1, 3000).await
     };
     let one_per_s = load.len() as f64 / wall;
     println!(
@@ -293,7 +272,7 @@ async fn measure(
     );
     let (wall, mut latencies, many_tokens) = {
         let (fresh, _server) = start(served, &ws, heldout[0]).await;
-        steady(&fresh, &ws, &load, askers, 3000).await
+        ask_through(&fresh, &ws, &load, askers, 3000).await
     };
     let many_per_s = load.len() as f64 / wall;
     let many_p50_s = median(&mut latencies);
